@@ -106,10 +106,17 @@ def build_tokenizer(out: Path) -> Path:
 
 
 def tokenizer_fingerprint(tok_dir: Path) -> str:
-    """sha256 over what decides token ids: vocab, merges and the special tokens (not cosmetic config)."""
+    """sha256 over what decides token ids: vocab, merges and the special tokens.
+
+    Semantic, not byte-wise: tokenizers re-saved by transformers (as NeMo does into a checkpoint's
+    context) reformat vocab.json and rewrite the merges header, and must still match.
+    """
     h = hashlib.sha256()
-    for name in ("vocab.json", "merges.txt"):
-        h.update((tok_dir / name).read_bytes())
+    vocab = json.loads((tok_dir / "vocab.json").read_text(encoding="utf-8"))
+    h.update(json.dumps(vocab, sort_keys=True, ensure_ascii=False).encode())
+    merges = [ln for ln in (tok_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
+              if ln and not ln.startswith("#version")]
+    h.update("\n".join(merges).encode())
     cfg = json.loads((tok_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     specials = {k: v["content"] for k, v in sorted(cfg.get("added_tokens_decoder", {}).items())}
     h.update(json.dumps([specials, cfg.get("eos_token"), cfg.get("bos_token")], sort_keys=True).encode())

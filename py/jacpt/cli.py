@@ -103,6 +103,31 @@ def data(cfg, dry_run, skip_bad, force):
     click.echo(manifest)
 
 
+def _stage_command(name: str, doc: str):
+    """A stage subcommand: profile, KEY=VALUE overrides, --dry-run; errors become clear CLI errors."""
+
+    @cli.command(name, help=doc)
+    @profile_options
+    @click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
+                  help="resolve, validate, print the recipe and the exact launch, write them to the run dir, exit 0")
+    def command(cfg, dry_run):
+        from jacpt import data as data_mod, runs, stages, train
+
+        fn = {"import": stages.import_stage, "cpt": stages.cpt_stage, "lora": stages.lora_stage}[name]
+        try:
+            out = fn(cfg, dry_run)
+        except (train.StageError, runs.RunError, data_mod.DataError) as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(out)
+
+    return command
+
+
+_stage_command("import", "Convert the HF model (Qwen2.5-0.5B, or the tiny one) into a NeMo checkpoint, tied.")
+_stage_command("cpt", "Continual pre-training on the data manifest's corpus, restored from the import.")
+_stage_command("lora", "LoRA on the data stage's examples, restored from the last CPT checkpoint.")
+
+
 @cli.command("bench-data")
 @click.option("--mb", default=8.0, type=click.FloatRange(0.1), help="size of the synthetic Japanese input")
 @click.option("--out-dir", default="bench/results", type=click.Path(file_okay=False),

@@ -35,6 +35,7 @@ class Key:
     check: Callable[[Any], str | None] | None = None  # returns an error text or None
 
 
+_TIME_RE = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
 _SHARDS_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 
@@ -59,6 +60,10 @@ def _check_shards(v: str) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+def _slurm_time(v: str) -> str | None:
+    return None if _TIME_RE.match(v) else "use HH:MM:SS or D-HH:MM:SS"
 
 
 def _unit(v: float) -> str | None:
@@ -104,6 +109,77 @@ KEYS: dict[str, Key] = {
     "data.lora_max_train": Key(int, 2000, "at most this many LoRA training examples (0: all)", check=_nonneg),
     "data.lora_max_eval": Key(int, 200, "at most this many LoRA validation and test examples each (0: all)",
                               check=_nonneg),
+    # --- model -------------------------------------------------------------
+    "model.hf_id": Key(str, "Qwen/Qwen2.5-0.5B", "Hugging Face model id, downloaded with huggingface-cli when "
+                       "model.hf_dir is empty and the hub is reachable"),
+    "model.hf_dir": Key(str, "", "local HF snapshot to import (config.json, weights, tokenizer); empty: "
+                        "the embedded tiny model for tiny-cpu, else a download of model.hf_id", env="HF_MODEL_DIR"),
+    "model.expect_layers": Key(int, 0, "refuse to import a model with another layer count (0: any); "
+                               "guards a profile against the wrong snapshot", check=_nonneg),
+    # --- cpt -------------------------------------------------------------
+    "cpt.seq_length": Key(int, 2048, "tokens per sample; changes the data only, never the model's 32k context",
+                          check=_positive),
+    "cpt.micro_batch_size": Key(int, 2, "samples per GPU per step; the first knob of the OOM ladder (RUNBOOK)",
+                                env="MBS", check=_positive),
+    "cpt.global_batch_size": Key(int, 32, "samples per optimizer step (gradient accumulation makes up the rest)",
+                                 env="GBS", check=_positive),
+    "cpt.max_steps": Key(int, 100, "optimizer steps", env="CPT_STEPS", check=_positive),
+    "cpt.lr": Key(float, 3e-5, "peak learning rate; CPT of a trained model wants ~10x below pre-training's"),
+    "cpt.min_lr": Key(float, 3e-6, "cosine floor"),
+    "cpt.warmup_steps": Key(int, 10, "linear warm-up steps", check=_nonneg),
+    "cpt.val_check_interval": Key(int, 50, "validate every N steps", check=_positive),
+    "cpt.limit_val_batches": Key(int, 8, "validation batches per check", check=_positive),
+    "cpt.ckpt_every_n_steps": Key(int, 50, "save a checkpoint every N steps (resume point)", check=_positive),
+    "cpt.save_top_k": Key(int, 1, "checkpoints kept besides the last (~7 GB each for Qwen2.5-0.5B with optimizer "
+                          "state)", check=_nonneg),
+    "cpt.log_every_n_steps": Key(int, 1, "log loss, grad norm and memory every N steps", check=_positive),
+    "cpt.loss_gate": Key(float, 6.0, "stop when the first step's loss exceeds this: a restored Qwen2.5 starts near "
+                         "2-4 on ja_wiki, a random one near 11.9 (0: off)", check=lambda v: None if v >= 0 else
+                         "must be >= 0"),
+    # --- lora -------------------------------------------------------------
+    "lora.seq_length": Key(int, 1024, "tokens per example (prompt + answer)", check=_positive),
+    "lora.micro_batch_size": Key(int, 4, "examples per GPU per step", check=_positive),
+    "lora.global_batch_size": Key(int, 32, "examples per optimizer step", check=_positive),
+    "lora.max_steps": Key(int, 100, "optimizer steps", env="LORA_STEPS", check=_positive),
+    "lora.lr": Key(float, 1e-4, "peak learning rate (NeMo's LoRA default)"),
+    "lora.warmup_steps": Key(int, 10, "linear warm-up steps", check=_nonneg),
+    "lora.val_check_interval": Key(int, 50, "validate every N steps", check=_positive),
+    "lora.limit_val_batches": Key(int, 8, "validation batches per check", check=_positive),
+    "lora.ckpt_every_n_steps": Key(int, 50, "save a checkpoint every N steps (resume point)", check=_positive),
+    "lora.dim": Key(int, 32, "adapter rank; trainable parameters grow linearly with it", check=_positive),
+    "lora.alpha": Key(int, 32, "adapter scale (alpha/dim multiplies the update)", check=_positive),
+    "lora.dropout": Key(float, 0.0, "dropout on the adapter input", check=_unit),
+    "lora.targets": Key(str, "linear_qkv,linear_proj,linear_fc1,linear_fc2", "modules that get adapters, "
+                        "comma-separated Megatron names"),
+    # --- logging -------------------------------------------------------------
+    "wandb.project": Key(str, "qwen25-ja-cpt", "wandb project (online when WANDB_API_KEY is set, else offline "
+                         "files to `wandb sync` later)", env="WANDB_PROJECT"),
+    "wandb.entity": Key(str, "", "wandb team or user (empty: the key's default)", env="WANDB_ENTITY"),
+    "wandb.tags": Key(str, "", "comma-separated tags added to the stage and profile tags"),
+    "wandb.mode": Key(str, "auto", "auto (online with a key, else offline), online, offline or disabled",
+                      choices=("auto", "online", "offline", "disabled")),
+    # --- demo and eval -------------------------------------------------------------
+    "demo.prompts": Key(str, "", "prompts file, one prompt a line (empty: the kit's Japanese demo prompts)",
+                        env="DEMO_PROMPTS"),
+    "demo.max_new_tokens": Key(int, 96, "tokens generated per prompt", check=_positive),
+    "demo.temperature": Key(float, 0.7, "sampling temperature (0: greedy)"),
+    "demo.top_p": Key(float, 0.9, "nucleus sampling; NeMo allows top_k or top_p, not both", check=_unit),
+    "demo.seed": Key(int, 1234, "sampling seed, so a rehearsal shows what the demo will show"),
+    "eval.max_val_tokens": Key(int, 200000, "validation tokens scored for perplexity (0: all)", check=_nonneg),
+    # --- launch -------------------------------------------------------------
+    "launch.executor": Key(str, "local", "local (this machine; torchrun when gpus > 1) or slurm (sbatch through "
+                           "NeMo-Run's SlurmExecutor)", env="EXECUTOR", choices=("local", "slurm")),
+    "launch.gpus": Key(int, 1, "GPUs per node (data parallel); CPU runs use 1", env="GPUS", check=_positive),
+    "launch.nodes": Key(int, 1, "nodes (slurm only)", env="NODES", check=_positive),
+    "slurm.account": Key(str, "", "Slurm account (sbatch --account)", env="JACPT_SLURM_ACCOUNT"),
+    "slurm.partition": Key(str, "", "Slurm partition (sbatch --partition)", env="JACPT_SLURM_PARTITION"),
+    "slurm.time": Key(str, "01:00:00", "wall-time limit per job (HH:MM:SS)", env="JACPT_SLURM_TIME",
+                      check=_slurm_time),
+    "slurm.container_image": Key(str, "nvcr.io/nvidia/nemo:25.04", "container image the job runs in (pyxis/enroot)",
+                                 env="JACPT_SLURM_IMAGE"),
+    "slurm.container_mounts": Key(str, "", "extra mounts, comma-separated SRC:DST; the kit root is always mounted "
+                                  "at the same path", env="JACPT_SLURM_MOUNTS"),
+    "slurm.job_dir": Key(str, "", "where NeMo-Run keeps sbatch scripts and job logs (empty: the run dir)"),
     # --- tokenizer -------------------------------------------------------------
     "tokenizer.dir": Key(str, "", "Qwen2.5 tokenizer directory, absolute or relative to the kit root "
                          "(empty: the embedded one that `make assets` builds)", env="TOKENIZER_DIR"),

@@ -1,0 +1,269 @@
+"""Every workaround for running NeMo 2.3 / Megatron-Core 0.12 without CUDA or without Transformer Engine.
+
+The kit's one place for them. Each patch names the library line it covers and
+applies only when its condition holds:
+
+* ``cpu``    - no CUDA device (the CPU test tier, `make quickstart` on a laptop);
+* ``no_te``  - Transformer Engine not importable (CPU, or a GPU outside the NeMo container);
+* ``torch``  - torch newer than Megatron-Core 0.12 was written for (>= 2.8).
+
+In the NeMo container (CUDA, TE, torch 2.7) none holds and `apply()` changes
+nothing; tests/py/test_nemo_compat.py holds it to that. Library line numbers
+are those of nemo_toolkit 2.3.3 and megatron-core 0.12.3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import inspect
+import types
+
+APPLIED: list[str] = []
+_done = False
+
+
+def need_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def need_no_te() -> bool:
+    return importlib.util.find_spec("transformer_engine") is None
+
+
+def conditions() -> dict[str, bool]:
+    return {"cpu": need_cpu(), "no_te": need_no_te(), "torch": _torch_needs_write_item_binding()}
+
+
+def apply() -> list[str]:
+    """Apply the patches whose conditions hold (idempotent); returns their names."""
+    global _done
+    if _done:
+        return APPLIED
+    _done = True
+    cond = conditions()
+    if not any(cond.values()):
+        return APPLIED
+    # NeMo first: its import-time torch.jit.script calls break if torch factories are already wrapped.
+    import nemo.collections.llm  # noqa: F401
+
+    if cond["torch"]:
+        _patch_write_item()
+    if cond["no_te"]:
+        _patch_lora_te_guard()
+    if cond["cpu"]:
+        _patch_cpu()
+    return APPLIED
+
+
+def _note(name: str) -> None:
+    APPLIED.append(name)
+
+
+# ----------------------------------------------------------------------------- torch >= 2.8
+
+def _torch_needs_write_item_binding() -> bool:
+    import torch.distributed.checkpoint.filesystem as tfs
+
+    return "serialization_format" in inspect.signature(tfs._write_item).parameters
+
+
+def _patch_write_item() -> None:
+    # megatron/core/dist_checkpointing/strategies/filesystem_async.py:320 and :326 call
+    # torch.distributed.checkpoint.filesystem._write_item with five arguments; torch >= 2.8 added a
+    # required `serialization_format`. Bind it to TORCH_SAVE, the format torch used before.
+    import megatron.core.dist_checkpointing.strategies.filesystem_async as fa
+    import torch.distributed.checkpoint.filesystem as tfs
+
+    orig, nparams = tfs._write_item, len(inspect.signature(tfs._write_item).parameters)
+
+    @functools.wraps(orig)
+    def _write_item(*args, **kw):
+        if "serialization_format" not in kw and len(args) < nparams:
+            kw["serialization_format"] = tfs.SerializationFormat.TORCH_SAVE
+        return orig(*args, **kw)
+
+    fa._write_item = _write_item
+    _note("filesystem_async._write_item: serialization_format=TORCH_SAVE")
+
+
+# ----------------------------------------------------------------------------- no Transformer Engine
+
+def _patch_lora_te_guard() -> None:
+    # nemo/collections/llm/peft/lora.py:432 compares `m.__class__ == te.Linear` without checking HAVE_TE;
+    # without TE `te` is a placeholder whose attributes raise UnavailableError.
+    import nemo.collections.llm.peft.lora as lora
+
+    if not lora.HAVE_TE:
+        lora.te = types.SimpleNamespace(Linear=type("_NoTELinear", (), {}))
+        _note("peft.lora.te.Linear: placeholder class")
+
+
+# The local (non-TE) layer spec keeps the RMSNorms as separate modules; NeMo's Qwen2 connectors
+# (nemo/collections/llm/gpt/model/qwen2.py:224-225 and :319-320) name the TE-fused weights instead,
+# so without TE the import silently leaves every norm at 1.0 and the export fails with IndexError.
+TE_TO_LOCAL_NORMS = {
+    "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight": "decoder.layers.*.input_layernorm.weight",
+    "decoder.layers.*.mlp.linear_fc1.layer_norm_weight": "decoder.layers.*.pre_mlp_layernorm.weight",
+}
+
+
+def local_norm_mapping(mapping: dict[str, str], nemo_state_keys) -> dict[str, str]:
+    """Rename TE-fused norm keys to the local spec's when the NeMo model has local-spec norms.
+
+    Called by the kit's Qwen2 connectors (jacpt.qwen); returns `mapping` unchanged for a TE model.
+    """
+    keys = list(nemo_state_keys)
+    local = any(k.endswith("input_layernorm.weight") for k in keys) and not any(
+        k.endswith("linear_qkv.layer_norm_weight") for k in keys)
+    if not local:
+        return mapping
+    return {TE_TO_LOCAL_NORMS.get(s, s): TE_TO_LOCAL_NORMS.get(t, t) for s, t in mapping.items()}
+
+
+def match_local_norm_dtype(module) -> None:
+    """Cast local-spec RMSNorm weights to the model's dtype (no-op for a TE model).
+
+    Without TE, megatron/core/models/gpt/gpt_layer_specs.py:202 builds the norms as WrappedTorchNorm
+    (torch RMSNorm, fp32) while every other weight is in params_dtype (bf16); nemo/lightning/io/state.py:225
+    then refuses the conversion because a target dtype changed. TE's fused norm weights are in
+    params_dtype, so this makes the local spec look like it.
+    """
+    import collections
+
+    params = dict(module.named_parameters())
+    if not any(k.endswith("input_layernorm.weight") for k in params):
+        return  # TE spec: fused norms, already in params_dtype
+    norms = {k: p for k, p in params.items() if k.endswith("layernorm.weight")}
+    dtypes = collections.Counter(p.dtype for k, p in params.items() if k not in norms and p.is_floating_point())
+    if not dtypes:
+        return
+    dtype = dtypes.most_common(1)[0][0]
+    for p in norms.values():
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def no_te_model_overrides() -> dict:
+    """Model-config fields a run without TE needs (empty with TE)."""
+    if not need_no_te():
+        return {}
+    # megatron/core/fusions/fused_softmax.py:161 (FusedScaleMaskSoftmax.is_kernel_available, via
+    # get_batch_per_block at :218) imports apex's scaled_masked_softmax_cuda unguarded for bf16 and
+    # seq <= 4096; with the fusion off torch's softmax is used instead.
+    return {"masked_softmax_fusion": False}
+
+
+def no_te_optimizer_overrides() -> dict:
+    """Optimizer-config fields a run without TE needs (empty with TE)."""
+    if not need_no_te():
+        return {}
+    # megatron/core/optimizer/distrib_optimizer.py:2019 (_copy_main_params_to_model_params) calls
+    # fp8_utils.quantize_param_shard, which raises "Invalid Transformer Engine version for FP8
+    # distributed optimizer" without TE even with no FP8 parameters.
+    return {"use_distributed_optimizer": False}
+
+
+# ----------------------------------------------------------------------------- no CUDA
+
+def cpu_trainer_overrides() -> dict:
+    """Trainer/optimizer/data settings for a CPU run (empty with CUDA)."""
+    if not need_cpu():
+        return {}
+    return {
+        "trainer": {"accelerator": "cpu", "devices": 1, "plugins": None},
+        # bf16-mixed fails in megatron/core/optimizer/optimizer.py:572 on CPU; fp32 throughout.
+        "optim": {"bf16": False, "fp16": False, "use_distributed_optimizer": False,
+                  # megatron/core/optimizer/clip_grads.py:167 asserts CUDA gradients.
+                  "clip_grad": 0.0},
+        "data": {"num_workers": 0, "pin_memory": False, "persistent_workers": False},
+    }
+
+
+def _patch_cpu() -> None:
+    import torch
+
+    # megatron/core/dist_checkpointing/strategies/filesystem_async.py:198 and async_utils.py:195 call
+    # torch.cuda.synchronize() on every save.
+    torch.cuda.synchronize = lambda *a, **k: None
+    # async_utils.py:148 and :546, distributed/param_and_grad_buffer.py:625/631 place tensors on
+    # torch.cuda.current_device().
+    torch.cuda.current_device = lambda: "cpu"
+    _note("torch.cuda.synchronize/current_device: CPU no-ops")
+
+    # megatron/core/tensor_parallel/random.py:207 (via layers.py:118) forks the model-parallel CUDA RNG
+    # tracker, which NeMo seeds only when torch.cuda.device_count() > 0.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def _add(self, name, seed):
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = seed
+
+    mrandom.CudaRNGStatesTracker.add = _add
+    mrandom.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+    _note("CudaRNGStatesTracker.add/fork: CPU no-ops")
+
+    # Hard-coded `.cuda()`: nemo/collections/llm/gpt/model/base.py:98 (gpt_data_step); and
+    # nemo/lightning/megatron_parallel.py:112 moves batches to torch.cuda.current_device() (patched above).
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+    _note("Tensor.cuda/Module.cuda: identity")
+
+    # Hard-coded device='cuda' / torch.cuda.current_device(): megatron/core/optimizer/optimizer.py:357/365/369/776,
+    # optimizer/clip_grads.py:90-206, optimizer/grad_scaler.py, pipeline_parallel/schedules.py:477.
+    def _cpu(dev):
+        if isinstance(dev, int) or (isinstance(dev, str) and dev.startswith("cuda")):
+            return "cpu"
+        if isinstance(dev, torch.device) and dev.type == "cuda":
+            return torch.device("cpu")
+        return dev
+
+    def _wrap(fn):
+        @functools.wraps(fn)
+        def w(*a, **k):
+            if "device" in k:
+                k["device"] = _cpu(k["device"])
+            return fn(*a, **k)
+        return w
+
+    for name in ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like",
+                 "full_like", "rand", "randn", "randint", "as_tensor"):
+        setattr(torch, name, _wrap(getattr(torch, name)))
+    _to = torch.Tensor.to
+
+    def to(self, *a, **k):
+        a = tuple(_cpu(x) if isinstance(x, (str, torch.device)) or (i == 0 and isinstance(x, int)) else x
+                  for i, x in enumerate(a))
+        if "device" in k:
+            k["device"] = _cpu(k["device"])
+        return _to(self, *a, **k)
+
+    torch.Tensor.to = to
+    # nemo/collections/llm/gpt/data/utils.py:702 `torch.cuda.LongTensor([1])` (SFT sample mapping).
+    for n in ("LongTensor", "FloatTensor", "IntTensor", "BoolTensor", "ByteTensor", "HalfTensor", "DoubleTensor"):
+        setattr(torch.cuda, n, getattr(torch, n))
+    _note("torch factories/Tensor.to/torch.cuda.*Tensor: 'cuda' -> 'cpu'")
+
+    # nemo/lightning/io/pl.py:433 _fix_tensors_device asserts torch.cuda.is_initialized() after each load.
+    import nemo.lightning.io.pl as nio_pl
+
+    nio_pl._fix_tensors_device = lambda ckpt: ckpt
+    _note("io.pl._fix_tensors_device: identity")
+
+    # nemo/collections/llm/gpt/data/utils.py:547 build_index_files forks a multiprocessing Pool inside the
+    # running trainer even for one file; on CPU that fork deadlocked (no error, SIGTERM ignored). Serial.
+    import nemo.collections.llm.gpt.data.utils as du
+
+    def build_index_files(dataset_paths, newline_int, workers=None, build_index_fn=du.build_index_from_memdata,
+                          index_mapping_dir=None):
+        if len(dataset_paths) < 1:
+            raise ValueError("files_list must contain at leat one file name")
+        return [du._build_memmap_index_files(newline_int, build_index_fn, p, index_mapping_dir=index_mapping_dir)
+                for p in dataset_paths]
+
+    du.build_index_files = build_index_files
+    _note("gpt.data.utils.build_index_files: serial")
