@@ -7,7 +7,7 @@ SHELL := bash
 MAKEFLAGS += --no-builtin-rules --no-print-directory
 
 # ---- knobs (checked against their allowed values) -----------------------------------------
-PROFILES := tiny-cpu rtx6000ada-48g h100-80g
+PROFILES := tiny-cpu tiny-gpu rtx6000ada-48g h100-80g
 PROFILE ?= tiny-cpu
 ifeq ($(filter $(PROFILE),$(PROFILES)),)
 $(error PROFILE=$(PROFILE) is not one of: $(PROFILES))
@@ -79,9 +79,40 @@ config: $(STAMPS)/python ## show the resolved settings of PROFILE and where each
 data: $(STAMPS)/python $(if $(filter 1,$(DRY_RUN)),,$(STAMPS)/assets) ## download, clean and tokenise the corpus; build LoRA data
 	$(JACPT) data $(if $(filter 1,$(SKIP_BAD)),--skip-bad) $(OVERRIDES)
 
+.PHONY: import
+import: $(STAMPS)/python $(if $(filter 1,$(DRY_RUN)),,$(STAMPS)/assets) ## convert the HF model (HF_MODEL_DIR) to a NeMo checkpoint, embeddings tied
+	$(JACPT) import $(OVERRIDES)
+
+.PHONY: cpt
+cpt: $(STAMPS)/python ## continual pre-training from the import on the data (resumes if interrupted)
+	$(JACPT) cpt $(OVERRIDES)
+
+.PHONY: lora
+lora: $(STAMPS)/python ## LoRA from the last CPT checkpoint on the LoRA examples
+	$(JACPT) lora $(OVERRIDES)
+
+.PHONY: export
+export: $(STAMPS)/python ## hand-off: CPT and LoRA-merged HF models with card, checksums, wandb artifact
+	$(JACPT) export $(OVERRIDES)
+
+.PHONY: demo
+demo: $(STAMPS)/python ## base / CPT / LoRA answers side by side (INTERACTIVE=1 for a chat loop)
+	$(JACPT) demo $(if $(filter 1,$(INTERACTIVE)),--interactive) $(OVERRIDES)
+
+.PHONY: eval
+eval: $(STAMPS)/python ## validation perplexity of base, CPT and LoRA
+	$(JACPT) eval $(OVERRIDES)
+
+CHAIN := data import cpt lora export demo eval
+
 .PHONY: quickstart
-quickstart: ## the main job on the embedded default (tiny model, sample corpus, CPU)
-	$(MAKE) data PROFILE=tiny-cpu DATA_SOURCE=sample
+quickstart: ## the main job on the embedded default: the whole chain, tiny model, sample corpus, CPU
+	$(MAKE) $(CHAIN) PROFILE=tiny-cpu DATA_SOURCE=sample
+
+.PHONY: gpu-smoke
+gpu-smoke: ## the whole tiny chain on a GPU, with NeMo's CUDA-only generation
+	@command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 || { echo "gpu-smoke needs a CUDA GPU (nvidia-smi found none); on CPU use make quickstart" >&2; exit 1; }
+	$(MAKE) $(CHAIN) PROFILE=tiny-gpu DATA_SOURCE=sample
 
 # ---- checks ---------------------------------------------------------------------------------
 SHELL_FILES = $(shell grep -lE '^\#!/usr/bin/env bash' bin/* .ci/run 2>/dev/null) bin/lib.sh \

@@ -91,7 +91,10 @@ class LossGate(pl.Callback):
 
 
 class MetricsRecorder(pl.Callback):
-    """Appends {"step", "loss", "lr", "grad_norm", "mem_gib", "t"} per step and {"step", "val_loss"} per check."""
+    """Appends {"step", "loss", "lr", "grad_norm", "mem_gib", "t"} per step and {"step", "val_loss"} per check.
+
+    "step" counts optimizer steps completed (Lightning's global_step after the batch), so it is 1-based.
+    """
 
     def __init__(self, path: str):
         self.path = Path(path)

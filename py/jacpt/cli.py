@@ -111,9 +111,10 @@ def _stage_command(name: str, doc: str):
     @click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
                   help="resolve, validate, print the recipe and the exact launch, write them to the run dir, exit 0")
     def command(cfg, dry_run):
-        from jacpt import data as data_mod, runs, stages, train
+        from jacpt import data as data_mod, export, runs, stages, train
 
-        fn = {"import": stages.import_stage, "cpt": stages.cpt_stage, "lora": stages.lora_stage}[name]
+        fn = {"import": stages.import_stage, "cpt": stages.cpt_stage, "lora": stages.lora_stage,
+              "export": export.export_stage}[name]
         try:
             out = fn(cfg, dry_run)
         except (train.StageError, runs.RunError, data_mod.DataError) as e:
@@ -126,6 +127,7 @@ def _stage_command(name: str, doc: str):
 _stage_command("import", "Convert the HF model (Qwen2.5-0.5B, or the tiny one) into a NeMo checkpoint, tied.")
 _stage_command("cpt", "Continual pre-training on the data manifest's corpus, restored from the import.")
 _stage_command("lora", "LoRA on the data stage's examples, restored from the last CPT checkpoint.")
+_stage_command("export", "Hand-off: CPT and LoRA-merged models as Hugging Face dirs, with card and checksums.")
 
 
 @cli.command("bench-data")

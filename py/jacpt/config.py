@@ -112,8 +112,8 @@ KEYS: dict[str, Key] = {
     # --- model -------------------------------------------------------------
     "model.hf_id": Key(str, "Qwen/Qwen2.5-0.5B", "Hugging Face model id, downloaded with huggingface-cli when "
                        "model.hf_dir is empty and the hub is reachable"),
-    "model.hf_dir": Key(str, "", "local HF snapshot to import (config.json, weights, tokenizer); empty: "
-                        "the embedded tiny model for tiny-cpu, else a download of model.hf_id", env="HF_MODEL_DIR"),
+    "model.hf_dir": Key(str, "", "local HF snapshot to import (config.json, weights, tokenizer); `tiny`: "
+                        "the embedded tiny model; empty: a download of model.hf_id", env="HF_MODEL_DIR"),
     "model.expect_layers": Key(int, 0, "refuse to import a model with another layer count (0: any); "
                                "guards a profile against the wrong snapshot", check=_nonneg),
     # --- cpt -------------------------------------------------------------

@@ -129,7 +129,7 @@ def _train_stage(cfg: Config, stage: str, dry_run: bool) -> Path:
     section = {k: v for k, v in cfg.as_dict().items()
                if k.startswith((f"{stage}.", "launch.", "slurm.", "wandb."))}
     key = {"parent": parent.info()["key"], "parent_dir": str(parent.dir), "data": manifest["input_fingerprint"],
-           "settings": section, "te": train.te_present(), "format": 1}
+           "settings": section, "te": train.te_present(), "cuda": train.cuda_present(), "format": 1}
     inputs = {"parent_run": str(parent.dir), "data_manifest": str(mpath),
               "data_manifest_sha256": sha256_file(mpath)}
     run, state = runs.open_run(cfg, stage, key, inputs=inputs, dry_run=dry_run)

@@ -34,6 +34,10 @@ def te_present() -> bool:
     return not nemo_compat.need_no_te()
 
 
+def cuda_present() -> bool:
+    return not nemo_compat.need_cpu()
+
+
 def checkpoint_config(ckpt: Path):
     from nemo.lightning import io
 

@@ -19,9 +19,10 @@ kmake() { make --no-print-directory -C "$KIT_ROOT" "$@"; }
 @test "make alone prints the help, one line per documented target" {
   run kmake
   assert_success
-  assert_line --index 0 --partial 'Usage: make <target> [PROFILE=tiny-cpu|rtx6000ada-48g|h100-80g]'
-  for target in help setup assets config data quickstart test lint bats pytest bench-data clean; do
-    assert_line --regexp "^  ${target} +[a-z]"
+  assert_line --index 0 --partial 'Usage: make <target> [PROFILE=tiny-cpu|tiny-gpu|rtx6000ada-48g|h100-80g]'
+  for target in help setup assets config data import cpt lora export demo eval quickstart gpu-smoke \
+    test lint bats pytest bench-data clean distclean; do
+    assert_line --regexp "^  ${target} +[A-Za-z]"
   done
   run kmake help
   assert_success
@@ -38,7 +39,7 @@ kmake() { make --no-print-directory -C "$KIT_ROOT" "$@"; }
 @test "a bad PROFILE fails before anything runs and lists the valid ones" {
   run kmake data PROFILE=a100
   assert_failure
-  assert_output --partial 'PROFILE=a100 is not one of: tiny-cpu rtx6000ada-48g h100-80g'
+  assert_output --partial 'PROFILE=a100 is not one of: tiny-cpu tiny-gpu rtx6000ada-48g h100-80g'
 }
 
 @test "a bad DATA_BACKEND, DRY_RUN or SKIP_BAD fails with the allowed values" {
@@ -76,10 +77,29 @@ kmake() { make --no-print-directory -C "$KIT_ROOT" "$@"; }
   assert_output --partial "unknown setting 'data.wokers'; did you mean data.workers?"
 }
 
-@test "make quickstart runs data on the embedded default" {
+@test "make quickstart runs the whole chain on the embedded default" {
   run kmake -n quickstart
   assert_success
-  assert_output --partial 'data PROFILE=tiny-cpu DATA_SOURCE=sample'
+  assert_output --partial 'data import cpt lora export demo eval PROFILE=tiny-cpu DATA_SOURCE=sample'
+}
+
+@test "make gpu-smoke refuses without a GPU and says what to run instead" {
+  printf '#!/usr/bin/env bash\necho "No devices were found" >&2; exit 6\n' >"${FAKE_BIN}/nvidia-smi"
+  chmod +x "${FAKE_BIN}/nvidia-smi"
+  run kmake gpu-smoke
+  assert_failure
+  assert_output --partial 'gpu-smoke needs a CUDA GPU'
+  assert_output --partial 'make quickstart'
+}
+
+@test "every stage target passes DRY_RUN and OVERRIDES through to its command" {
+  for stage in import cpt lora export demo eval; do
+    run kmake -n "$stage" DRY_RUN=1 OVERRIDES='wandb.mode=disabled'
+    assert_success
+    assert_output --regexp "python -m jacpt.cli ${stage} +wandb.mode=disabled"
+  done
+  run kmake -n demo INTERACTIVE=1
+  assert_output --regexp 'jacpt.cli demo --interactive'
 }
 
 @test "bin/setup --help and an unknown option" {

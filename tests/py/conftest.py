@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,45 @@ def write_jsonl(path: Path, records, gz: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(body) if gz else body)
     return path
+
+
+def run_kit(args: list[str], env: dict, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m jacpt.cli ARGS` in a fresh process (NeMo stages never share a test process)."""
+    proc = subprocess.run([sys.executable, "-m", "jacpt.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=str(paths.KIT_ROOT))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"jacpt {' '.join(args)} exited {proc.returncode}\n--- stderr (tail) ---\n"
+                             + "\n".join(proc.stderr.splitlines()[-40:]))
+    return proc
+
+
+@pytest.fixture(scope="session")
+def chain_env(tmp_path_factory, tiny_model_dir) -> dict:
+    """Environment of an isolated kit: its own data, runs and NeMo-Run dirs; offline; the session's assets."""
+    root = tmp_path_factory.mktemp("chain")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JACPT_", "WANDB_"))}
+    for spec in config.KEYS.values():
+        if spec.env:
+            env.pop(spec.env, None)
+    env.update(JACPT_ASSETS_DIR=str(tiny_model_dir.parent), JACPT_DATA_DIR=str(root / "data"),
+               JACPT_RUNS_DIR=str(root / "runs"), NEMORUN_HOME=str(root / "nemorun"), NEMO_HOME=str(root / "nemo"),
+               HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PROFILE="tiny-cpu",
+               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("DRY_RUN", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(chain_env) -> dict:
+    """data -> import -> cpt -> lora -> export on the tiny model, once per session, offline.
+
+    Returns {stage: COMPLETE.json contents + "dir"}.
+    """
+    out = {}
+    for stage in ("data", "import", "cpt", "lora", "export"):
+        proc = run_kit([stage], chain_env)
+        marker = Path(proc.stdout.strip().splitlines()[-1])
+        out[stage] = {"path": marker, "dir": marker.parent, "stderr": proc.stderr}
+        if marker.name == "COMPLETE.json":
+            out[stage].update(json.loads(marker.read_text(encoding="utf-8")))
+    return out
