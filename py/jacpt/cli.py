@@ -130,6 +130,37 @@ _stage_command("lora", "LoRA on the data stage's examples, restored from the las
 _stage_command("export", "Hand-off: CPT and LoRA-merged models as Hugging Face dirs, with card and checksums.")
 
 
+@cli.command("demo")
+@profile_options
+@click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
+              help="print the models, method and settings it would use; load nothing; exit 0")
+@click.option("--interactive", is_flag=True, help="after the table, a chat loop (empty line or EOF ends it)")
+def demo(cfg, dry_run, interactive):
+    """Base, CPT and LoRA answer the demo prompts side by side, with load time, latency and tokens/s."""
+    from jacpt import data as data_mod, generate, runs, train
+
+    try:
+        out = generate.demo_stage(cfg, dry_run, interactive)
+    except (train.StageError, runs.RunError, data_mod.DataError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(out)
+
+
+@cli.command("eval")
+@profile_options
+@click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
+              help="print the models and data it would score; load nothing; exit 0")
+def eval_cmd(cfg, dry_run):
+    """Validation perplexity of base, CPT and LoRA on the held-out set: table + JSON."""
+    from jacpt import data as data_mod, evaluate, runs, train
+
+    try:
+        out = evaluate.eval_stage(cfg, dry_run)
+    except (train.StageError, runs.RunError, data_mod.DataError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(out)
+
+
 @cli.command("bench-data")
 @click.option("--mb", default=8.0, type=click.FloatRange(0.1), help="size of the synthetic Japanese input")
 @click.option("--out-dir", default="bench/results", type=click.Path(file_okay=False),
