@@ -285,8 +285,12 @@ def _build(cfg: Config, source: Source, tok: Path, tok_fp: str, lora_src: Path |
                     else "check the source files and the filters (data.min_chars, data.min_ja_ratio)")
             raise DataError(f"no {split} documents left after cleaning (counts above): {hint}")
         prefix = mega_dir / f"{split}_text_document"
-        stats = backend(jsonl, prefix, tok, assets.EOS_ID, cfg["data.workers"],
-                        progress=encode.progress_printer(split, jsonl.stat().st_size))
+        extra = {"engine": cfg["data.engine"]} if cfg["data.backend"] == "fast" else {}
+        try:
+            stats = backend(jsonl, prefix, tok, assets.EOS_ID, cfg["data.workers"],
+                            progress=encode.progress_printer(split, jsonl.stat().st_size), **extra)
+        except encode.EngineError as e:
+            raise DataError(str(e)) from None
         log(f"tokenize {split}: {stats.documents:,} docs, {stats.tokens:,} tokens in {stats.seconds:.1f}s "
             f"({stats.as_dict()['docs_per_s']:,} docs/s, {stats.as_dict()['mb_per_s']} MB/s, "
             f"{stats.as_dict()['tokens_per_s']:,} tokens/s)")
@@ -319,7 +323,9 @@ def _build(cfg: Config, source: Source, tok: Path, tok_fp: str, lora_src: Path |
                       "eos_id": assets.EOS_ID},
         "clean": report["total"],
         "megatron": megatron,
-        "tokenize": {"backend": cfg["data.backend"], "workers": cfg["data.workers"], **tok_stats},
+        "tokenize": {"backend": cfg["data.backend"], "workers": cfg["data.workers"],
+                     "engine": encode.load_engine(tok, cfg["data.engine"]).name if cfg["data.backend"] == "fast"
+                     else "nemo", **tok_stats},
         "lora": {"dir": "lora", "source": str(lora_src) if lora_src else "auto", "examples": counts},
         "outputs": outputs,
         "versions": _versions(),
