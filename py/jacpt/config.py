@@ -160,7 +160,7 @@ KEYS: dict[str, Key] = {
     "wandb.entity": Key(str, "", "wandb team or user (empty: the key's default)", env="WANDB_ENTITY"),
     "wandb.tags": Key(str, "", "comma-separated tags added to the stage and profile tags"),
     "wandb.mode": Key(str, "auto", "auto (online with a key, else offline), online, offline or disabled",
-                      choices=("auto", "online", "offline", "disabled")),
+                      env="WANDB_MODE", choices=("auto", "online", "offline", "disabled")),
     # --- demo and eval -------------------------------------------------------------
     "demo.prompts": Key(str, "", "prompts file, one prompt a line (empty: the kit's Japanese demo prompts)",
                         env="DEMO_PROMPTS"),

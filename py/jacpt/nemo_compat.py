@@ -5,7 +5,8 @@ applies only when its condition holds:
 
 * ``cpu``    - no CUDA device (the CPU test tier, `make quickstart` on a laptop);
 * ``no_te``  - Transformer Engine not importable (CPU, or a GPU outside the NeMo container);
-* ``torch``  - torch newer than Megatron-Core 0.12 was written for (>= 2.8).
+* ``torch``  - torch newer than Megatron-Core 0.12 was written for (>= 2.8);
+* ``numpy2`` - numpy 2.x, which dropped an alias Megatron-Core 0.12 still calls.
 
 In the NeMo container (CUDA, TE, torch 2.7) none holds and `apply()` changes
 nothing; tests/py/test_nemo_compat.py holds it to that. Library line numbers
@@ -35,7 +36,8 @@ def need_no_te() -> bool:
 
 
 def conditions() -> dict[str, bool]:
-    return {"cpu": need_cpu(), "no_te": need_no_te(), "torch": _torch_needs_write_item_binding()}
+    return {"cpu": need_cpu(), "no_te": need_no_te(), "torch": _torch_needs_write_item_binding(),
+            "numpy2": _numpy_lacks_product()}
 
 
 def apply() -> list[str]:
@@ -52,6 +54,8 @@ def apply() -> list[str]:
 
     if cond["torch"]:
         _patch_write_item()
+    if cond["numpy2"]:
+        _patch_numpy_product()
     if cond["no_te"]:
         _patch_lora_te_guard()
     if cond["cpu"]:
@@ -88,6 +92,24 @@ def _patch_write_item() -> None:
 
     fa._write_item = _write_item
     _note("filesystem_async._write_item: serialization_format=TORCH_SAVE")
+
+
+# ----------------------------------------------------------------------------- numpy >= 2
+
+def _numpy_lacks_product() -> bool:
+    import numpy as np
+
+    return not hasattr(np, "product")
+
+
+def _patch_numpy_product() -> None:
+    # megatron/core/dist_checkpointing/exchange_utils.py:65 (the fully parallel checkpoint load of a
+    # data-parallel run), mapping.py:207 and validation.py:497 call np.product, which numpy 2.0 removed
+    # (the NeMo 25.04 image has numpy 1.x). It was an alias of np.prod.
+    import numpy as np
+
+    np.product = np.prod
+    _note("numpy.product: alias of numpy.prod")
 
 
 # ----------------------------------------------------------------------------- no Transformer Engine

@@ -101,7 +101,7 @@ def import_stage(cfg: Config, dry_run: bool) -> Path:
 
     applied = nemo_compat.apply()
     if applied:
-        log(f"compatibility patches (no CUDA / no TE / torch >= 2.8): {len(applied)}")
+        log(f"compatibility patches ({len(applied)}): {'; '.join(applied)}")
     log(f"import {src} -> {out}")
     fdl.build(task)()
     tok_fp = assets.tokenizer_fingerprint(out / "context" / "nemo_tokenizer")

@@ -81,9 +81,10 @@ def run_kit(args: list[str], env: dict, timeout: int = 600, check: bool = True) 
 def chain_env(tmp_path_factory, tiny_model_dir) -> dict:
     """Environment of an isolated kit: its own data, runs and NeMo-Run dirs; offline; the session's assets."""
     root = tmp_path_factory.mktemp("chain")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JACPT_", "WANDB_"))}
+    # WANDB_MODE survives: where wandb is not installed, WANDB_MODE=disabled runs the chain without it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JACPT_", "WANDB_")) or k == "WANDB_MODE"}
     for spec in config.KEYS.values():
-        if spec.env:
+        if spec.env and spec.env != "WANDB_MODE":
             env.pop(spec.env, None)
     env.update(JACPT_ASSETS_DIR=str(tiny_model_dir.parent), JACPT_DATA_DIR=str(root / "data"),
                JACPT_RUNS_DIR=str(root / "runs"), NEMORUN_HOME=str(root / "nemorun"), NEMO_HOME=str(root / "nemo"),

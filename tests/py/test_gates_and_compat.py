@@ -73,6 +73,7 @@ from jacpt import nemo_compat as c
 c.need_cpu = lambda: False
 c.need_no_te = lambda: False
 c._torch_needs_write_item_binding = lambda: False
+c._numpy_lacks_product = lambda: False
 before = (torch.cuda.synchronize, torch.tensor, torch.Tensor.to, torch.Tensor.cuda, tfs._write_item)
 assert c.apply() == [], c.APPLIED
 assert before == (torch.cuda.synchronize, torch.tensor, torch.Tensor.to, torch.Tensor.cuda, tfs._write_item)
