@@ -175,4 +175,6 @@ def test_killed_cpt_resumes_from_its_last_checkpoint(tiny_chain, chain_env):
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]) if steps != sorted(set(steps)) \
         else None
     assert steps[-1] == 14 and steps.count(1) == 1  # finished, and never started over from scratch
-    assert restart is None or steps[restart] >= 9  # picked up after the step-8 checkpoint
+    # Picked up after a saved checkpoint (every 4 steps, and at validation every 5): which one depends on
+    # whether the kill landed inside a save, whose -unfinished checkpoint NeMo then skips.
+    assert restart is None or steps[restart] in (5, 6, 9, 11)
