@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
-from jacpt import assets, corpus, encode, lora_data, paths
+from jacpt import assets, corpus, encode, lora_data, paths, runs
 from jacpt.config import Config, parse_shards
 from jacpt.fsutil import sha256_file, staging_dir, write_json_atomic
 
@@ -214,16 +212,6 @@ def up_to_date(out: Path, fingerprint: str) -> bool:
                for rel, info in m.get("outputs", {}).items())
 
 
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in ("jacpt", "tokenizers", "transformers", "megatron-core", "nemo-toolkit", "numpy", "torch"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 # ----------------------------------------------------------------------------- run
 
 def run(cfg: Config, force: bool = False) -> Path:
@@ -328,7 +316,7 @@ def _build(cfg: Config, source: Source, tok: Path, tok_fp: str, lora_src: Path |
                      else "nemo", **tok_stats},
         "lora": {"dir": "lora", "source": str(lora_src) if lora_src else "auto", "examples": counts},
         "outputs": outputs,
-        "versions": _versions(),
+        "versions": runs.versions(),
     }
 
 

@@ -32,7 +32,7 @@ from jacpt.fsutil import write_json_atomic, write_text_atomic
 MARKER = "COMPLETE.json"
 RUN_JSON = "run.json"
 _DISTS = ("jacpt", "nemo-toolkit", "megatron-core", "nemo-run", "lightning", "torch", "transformers", "tokenizers",
-          "transformer-engine", "wandb")
+          "tiktoken", "numpy", "transformer-engine", "wandb")
 
 
 class RunError(Exception):
