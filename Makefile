@@ -114,6 +114,16 @@ gpu-smoke: ## the whole tiny chain on a GPU, with NeMo's CUDA-only generation
 	@command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 || { echo "gpu-smoke needs a CUDA GPU (nvidia-smi found none); on CPU use make quickstart" >&2; exit 1; }
 	$(MAKE) $(CHAIN) PROFILE=tiny-gpu DATA_SOURCE=sample
 
+# ---- container ------------------------------------------------------------------------------
+# IMAGE, NEMO_IMAGE, GPUS, SHM_SIZE and DOCKER reach the scripts through the environment.
+.PHONY: docker-build
+docker-build: ## build the image IMAGE=jacpt:25.04 FROM NEMO_IMAGE=nvcr.io/nvidia/nemo:25.04
+	bin/docker-build
+
+.PHONY: docker-run
+docker-run: ## a shell in the container, kit at /workspace; CMD="make data cpt" runs that (GPUS=N|none)
+	bin/docker-run $(if $(CMD),bash -c "$$CMD")
+
 # ---- checks ---------------------------------------------------------------------------------
 SHELL_FILES = $(shell grep -lE '^\#!/usr/bin/env bash' bin/* .ci/run 2>/dev/null) bin/lib.sh \
               $(wildcard tests/bats/*.bats tests/bats/test_helper/*.bash)
