@@ -74,6 +74,10 @@ $(STAMPS)/assets: $(STAMPS)/python py/jacpt/assets.py py/jacpt/templates/qwen25_
 config: $(STAMPS)/python ## show the resolved settings of PROFILE and where each came from
 	$(JACPT) config $(OVERRIDES)
 
+.PHONY: preflight
+preflight: $(STAMPS)/python ## can this box run PROFILE? versions, GPU, disk, wandb, data; memory/time estimates
+	$(JACPT) preflight $(OVERRIDES)
+
 # ---- stages -------------------------------------------------------------------------------
 .PHONY: data
 data: $(STAMPS)/python $(if $(filter 1,$(DRY_RUN)),,$(STAMPS)/assets) ## download, clean and tokenise the corpus; build LoRA data

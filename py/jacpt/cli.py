@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 
 import click
 
@@ -11,6 +12,8 @@ from jacpt import __version__
 from jacpt import config as config_mod
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+# torch's import warns about pynvml on every command; it says nothing about this kit's work.
+warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 
 
 def _load(profile: str, overrides: tuple[str, ...]) -> config_mod.Config:
@@ -159,6 +162,24 @@ def eval_cmd(cfg, dry_run):
     except (train.StageError, runs.RunError, data_mod.DataError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(out)
+
+
+@cli.command("preflight")
+@profile_options
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+@click.pass_context
+def preflight(ctx, cfg, as_json):
+    """Can this box run the profile? Versions, GPUs, disk, wandb, data, memory and time estimates.
+
+    Exits 0 when it can, 1 with the fix otherwise.
+    """
+    import json
+
+    from jacpt import preflight as preflight_mod
+
+    report = preflight_mod.run(cfg)
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.text())
+    ctx.exit(0 if report.ok else 1)
 
 
 @cli.command("bench-data")
