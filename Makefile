@@ -107,6 +107,10 @@ demo: $(STAMPS)/python ## base / CPT / LoRA answers side by side (INTERACTIVE=1 
 eval: $(STAMPS)/python ## validation perplexity of base, CPT and LoRA
 	$(JACPT) eval $(OVERRIDES)
 
+.PHONY: report
+report: $(STAMPS)/python ## offline HTML + Markdown report of the last good runs (the backup on the day)
+	$(JACPT) report $(OVERRIDES)
+
 CHAIN := data import cpt lora export demo eval
 
 .PHONY: quickstart

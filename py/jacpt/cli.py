@@ -182,6 +182,21 @@ def preflight(ctx, cfg, as_json):
     ctx.exit(0 if report.ok else 1)
 
 
+@cli.command("report")
+@profile_options
+@click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
+              help="print which runs it would use; write no report; exit 0")
+def report(cfg, dry_run):
+    """Offline HTML + Markdown report of the last good runs: curves, perplexity, generations, hand-off."""
+    from jacpt import data as data_mod, report as report_mod, runs, train
+
+    try:
+        out = report_mod.report_stage(cfg, dry_run)
+    except (train.StageError, runs.RunError, data_mod.DataError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(out)
+
+
 @cli.command("bench-data")
 @click.option("--mb", default=8.0, type=click.FloatRange(0.1), help="size of the synthetic Japanese input")
 @click.option("--out-dir", default="bench/results", type=click.Path(file_okay=False),
