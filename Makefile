@@ -21,8 +21,8 @@ $(error DATA_BACKEND=$(DATA_BACKEND) is not one of: $(BACKENDS))
 endif
 endif
 
-ifneq ($(filter-out 0 1,$(or $(DRY_RUN),0) $(or $(SKIP_BAD),0)),)
-$(error DRY_RUN and SKIP_BAD take 0 or 1)
+ifneq ($(filter-out 0 1,$(or $(DRY_RUN),0) $(or $(SKIP_BAD),0) $(or $(OFFLINE),0)),)
+$(error DRY_RUN, SKIP_BAD and OFFLINE take 0 or 1)
 endif
 DRY_RUN ?= 0
 SKIP_BAD ?= 0
@@ -106,6 +106,10 @@ demo: $(STAMPS)/python ## base / CPT / LoRA answers side by side (INTERACTIVE=1 
 .PHONY: eval
 eval: $(STAMPS)/python ## validation perplexity of base, CPT and LoRA
 	$(JACPT) eval $(OVERRIDES)
+
+.PHONY: rehearse
+rehearse: $(STAMPS)/python ## the timed demo script against its budgets (OFFLINE=1 forbids network; SCRIPT=<yaml>)
+	$(JACPT) rehearse $(if $(filter 1,$(OFFLINE)),--offline) $(if $(SCRIPT),--script $(SCRIPT)) $(OVERRIDES)
 
 .PHONY: report
 report: $(STAMPS)/python ## offline HTML + Markdown report of the last good runs (the backup on the day)

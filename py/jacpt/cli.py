@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+from pathlib import Path
 
 import click
 
@@ -180,6 +181,26 @@ def preflight(ctx, cfg, as_json):
     report = preflight_mod.run(cfg)
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.text())
     ctx.exit(0 if report.ok else 1)
+
+
+@cli.command("rehearse")
+@profile_options
+@click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
+              help="list the steps, budgets and expected output; run nothing; exit 0")
+@click.option("--offline", is_flag=True, envvar="OFFLINE", show_envvar=True,
+              help="forbid network: HF/wandb offline env vars, and `unshare -rn` where it works unprivileged")
+@click.option("--script", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="rehearsal script (default: configs/rehearsal/tiny.yaml for tiny-* profiles, else gpu.yaml)")
+@click.pass_context
+def rehearse(ctx, cfg, dry_run, offline, script):
+    """Run the timed demo script: each step against its budget and expected output, the total against 10:00."""
+    from jacpt import rehearse as rehearse_mod
+
+    try:
+        code = rehearse_mod.rehearse_stage(cfg, dry_run, offline, script)
+    except rehearse_mod.RehearseError as e:
+        raise click.ClickException(str(e)) from None
+    ctx.exit(code)
 
 
 @cli.command("report")

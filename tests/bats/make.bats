@@ -48,10 +48,10 @@ kmake() { make --no-print-directory -C "$KIT_ROOT" "$@"; }
   assert_output --partial 'DATA_BACKEND=turbo is not one of: fast nemo'
   run kmake data DRY_RUN=yes
   assert_failure
-  assert_output --partial 'DRY_RUN and SKIP_BAD take 0 or 1'
+  assert_output --partial 'DRY_RUN, SKIP_BAD and OFFLINE take 0 or 1'
   run kmake data SKIP_BAD=2
   assert_failure
-  assert_output --partial 'DRY_RUN and SKIP_BAD take 0 or 1'
+  assert_output --partial 'DRY_RUN, SKIP_BAD and OFFLINE take 0 or 1'
 }
 
 @test "make -n data shows the one command it wires, with --skip-bad and overrides" {

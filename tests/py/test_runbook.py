@@ -95,7 +95,8 @@ def test_the_table_covers(symptom):
 
 
 def test_every_section_has_a_fix():
-    for title, body in re.findall(r"^### (.+?)\n(.*?)(?=^##|\Z)", RUNBOOK, re.M | re.S):
+    symptoms = RUNBOOK.split("\n## The timed 10-minute demo")[0]  # the checklists after it are not symptoms
+    for title, body in re.findall(r"^### (.+?)\n(.*?)(?=^##|\Z)", symptoms, re.M | re.S):
         assert "**Fix**" in body, f"section without a Fix: {title}"
 
 
@@ -146,3 +147,17 @@ def test_every_setting_key_exists():
     assert {"cpt.micro_batch_size", "cpt.seq_length", "cpt.global_batch_size"} <= found
     unknown = sorted(found - set(config.KEYS))
     assert not unknown, f"RUNBOOK.md names settings that do not exist: {unknown}"
+
+
+def test_demo_checklist_has_the_three_phases_with_minutes_and_abort_criteria():
+    part = RUNBOOK.split("\n## The timed 10-minute demo", 1)[1]
+    assert "backup" in part.split("###", 1)[0]  # the backup path is decided before the phases
+    for phase in ("### T-1 day", "### T-1 hour", "### T-0"):
+        body = part.split(phase, 1)[1].split("\n### ", 1)[0]
+        rows = [r for r in body.splitlines() if r.startswith("| ") and not r.startswith(("| min", "| ---"))]
+        assert rows, phase
+        assert all(r.split("|")[1].strip().isdigit() for r in rows), phase  # minutes per step
+        assert all(len(r.split("|")) == 6 and r.split("|")[4].strip() for r in rows), phase  # an abort column
+    t0 = part.split("### T-0", 1)[1]
+    assert sum(int(r.split("|")[1]) for r in t0.splitlines() if r.startswith("| ") and r.split("|")[1].strip()
+               .isdigit()) == 10
