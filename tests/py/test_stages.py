@@ -178,3 +178,17 @@ def test_killed_cpt_resumes_from_its_last_checkpoint(tiny_chain, chain_env):
     # Picked up after a saved checkpoint (every 4 steps, and at validation every 5): which one depends on
     # whether the kill landed inside a save, whose -unfinished checkpoint NeMo then skips.
     assert restart is None or steps[restart] in (5, 6, 9, 11)
+
+
+def test_rehearsal_of_the_tiny_chain_passes_offline(tiny_chain, chain_env):
+    """The CI rehearsal: the shipped tiny script, offline, through make, on the session's chain.
+
+    The stages already run say "up to date" and print their marker, which the script expects.
+    """
+    proc = run_kit(["rehearse", "--offline"], chain_env, timeout=1500)
+    marker = Path(proc.stdout.strip().splitlines()[-1])
+    assert marker.name == runs.MARKER
+    doc = json.loads((marker.parent / "rehearse.json").read_text())
+    steps = doc["steps"]
+    assert [s["name"] for s in steps] == ["data", "import", "cpt", "lora", "export", "demo", "eval"]
+    assert all(s["status"] == "pass" for s in steps), steps
