@@ -107,62 +107,51 @@ def data(cfg, dry_run, skip_bad, force):
     click.echo(manifest)
 
 
-def _stage_command(name: str, doc: str):
-    """A stage subcommand: profile, KEY=VALUE overrides, --dry-run; errors become clear CLI errors."""
+def _stage_command(name: str, target: str, doc: str, dry_run_help: str, interactive: bool = False):
+    """A stage subcommand calling `target` ("module:function") as fn(cfg, dry_run[, interactive]).
 
-    @cli.command(name, help=doc)
-    @profile_options
-    @click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
-                  help="resolve, validate, print the recipe and the exact launch, write them to the run dir, exit 0")
-    def command(cfg, dry_run):
-        from jacpt import data as data_mod, export, runs, stages, train
+    Profile, KEY=VALUE overrides and --dry-run for every stage; the stages' errors become CLI errors
+    (exit 1) that name the fix.
+    """
 
-        fn = {"import": stages.import_stage, "cpt": stages.cpt_stage, "lora": stages.lora_stage,
-              "export": export.export_stage}[name]
+    def command(cfg, dry_run, interactive=False):
+        import importlib
+
+        from jacpt import data as data_mod, runs, train
+
+        module, func = target.split(":")
+        fn = getattr(importlib.import_module(f"jacpt.{module}"), func)
         try:
-            out = fn(cfg, dry_run)
+            out = fn(cfg, dry_run, interactive) if name == "demo" else fn(cfg, dry_run)
         except (train.StageError, runs.RunError, data_mod.DataError) as e:
             raise click.ClickException(str(e)) from None
         click.echo(out)
 
-    return command
+    command = click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True, help=dry_run_help)(command)
+    if interactive:
+        command = click.option("--interactive", is_flag=True,
+                               help="after the table, a chat loop (empty line or EOF ends it)")(command)
+    return cli.command(name, help=doc)(profile_options(command))
 
 
-_stage_command("import", "Convert the HF model (Qwen2.5-0.5B, or the tiny one) into a NeMo checkpoint, tied.")
-_stage_command("cpt", "Continual pre-training on the data manifest's corpus, restored from the import.")
-_stage_command("lora", "LoRA on the data stage's examples, restored from the last CPT checkpoint.")
-_stage_command("export", "Hand-off: CPT and LoRA-merged models as Hugging Face dirs, with card and checksums.")
-
-
-@cli.command("demo")
-@profile_options
-@click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
-              help="print the models, method and settings it would use; load nothing; exit 0")
-@click.option("--interactive", is_flag=True, help="after the table, a chat loop (empty line or EOF ends it)")
-def demo(cfg, dry_run, interactive):
-    """Base, CPT and LoRA answer the demo prompts side by side, with load time, latency and tokens/s."""
-    from jacpt import data as data_mod, generate, runs, train
-
-    try:
-        out = generate.demo_stage(cfg, dry_run, interactive)
-    except (train.StageError, runs.RunError, data_mod.DataError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(out)
-
-
-@cli.command("eval")
-@profile_options
-@click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
-              help="print the models and data it would score; load nothing; exit 0")
-def eval_cmd(cfg, dry_run):
-    """Validation perplexity of base, CPT and LoRA on the held-out set: table + JSON."""
-    from jacpt import data as data_mod, evaluate, runs, train
-
-    try:
-        out = evaluate.eval_stage(cfg, dry_run)
-    except (train.StageError, runs.RunError, data_mod.DataError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(out)
+_RECIPE = "resolve, validate, print the recipe and the exact launch, write them to the run dir, exit 0"
+_stage_command("import", "stages:import_stage",
+               "Convert the HF model (Qwen2.5-0.5B, or the tiny one) into a NeMo checkpoint, tied.", _RECIPE)
+_stage_command("cpt", "stages:cpt_stage",
+               "Continual pre-training on the data manifest's corpus, restored from the import.", _RECIPE)
+_stage_command("lora", "stages:lora_stage",
+               "LoRA on the data stage's examples, restored from the last CPT checkpoint.", _RECIPE)
+_stage_command("export", "export:export_stage",
+               "Hand-off: CPT and LoRA-merged models as Hugging Face dirs, with card and checksums.", _RECIPE)
+_stage_command("demo", "generate:demo_stage",
+               "Base, CPT and LoRA answer the demo prompts side by side, with load time, latency and tokens/s.",
+               "print the models, method and settings it would use; load nothing; exit 0", interactive=True)
+_stage_command("eval", "evaluate:eval_stage",
+               "Validation perplexity of base, CPT and LoRA on the held-out set: table + JSON.",
+               "print the models and data it would score; load nothing; exit 0")
+_stage_command("report", "report:report_stage",
+               "Offline HTML + Markdown report of the last good runs: curves, perplexity, generations, hand-off.",
+               "print which runs it would use; write no report; exit 0")
 
 
 @cli.command("preflight")
@@ -201,21 +190,6 @@ def rehearse(ctx, cfg, dry_run, offline, script):
     except rehearse_mod.RehearseError as e:
         raise click.ClickException(str(e)) from None
     ctx.exit(code)
-
-
-@cli.command("report")
-@profile_options
-@click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
-              help="print which runs it would use; write no report; exit 0")
-def report(cfg, dry_run):
-    """Offline HTML + Markdown report of the last good runs: curves, perplexity, generations, hand-off."""
-    from jacpt import data as data_mod, report as report_mod, runs, train
-
-    try:
-        out = report_mod.report_stage(cfg, dry_run)
-    except (train.StageError, runs.RunError, data_mod.DataError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(out)
 
 
 @cli.command("bench-data")
