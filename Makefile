@@ -87,13 +87,16 @@ data: $(STAMPS)/python $(if $(filter 1,$(DRY_RUN)),,$(STAMPS)/assets) ## downloa
 import: $(STAMPS)/python $(if $(filter 1,$(DRY_RUN)),,$(STAMPS)/assets) ## convert the HF model (HF_MODEL_DIR) to a NeMo checkpoint, embeddings tied
 	$(JACPT) import $(OVERRIDES)
 
+# Training stages check the box first (GPU, memory, disk); a dry run skips it, so it works anywhere.
+PREFLIGHT = $(if $(filter 1,$(DRY_RUN)),,$(JACPT) preflight $(OVERRIDES) >&2 &&)
+
 .PHONY: cpt
 cpt: $(STAMPS)/python ## continual pre-training from the import on the data (resumes if interrupted)
-	$(JACPT) cpt $(OVERRIDES)
+	$(PREFLIGHT) $(JACPT) cpt $(OVERRIDES)
 
 .PHONY: lora
 lora: $(STAMPS)/python ## LoRA from the last CPT checkpoint on the LoRA examples
-	$(JACPT) lora $(OVERRIDES)
+	$(PREFLIGHT) $(JACPT) lora $(OVERRIDES)
 
 .PHONY: export
 export: $(STAMPS)/python ## hand-off: CPT and LoRA-merged HF models with card, checksums, wandb artifact

@@ -118,3 +118,13 @@ kmake() { make --no-print-directory -C "$KIT_ROOT" "$@"; }
   run kmake -q .stamps/setup
   assert_success
 }
+
+@test "training stages run the preflight first, except in a dry run" {
+  run kmake -n cpt
+  assert_success
+  assert_output --regexp 'jacpt.cli preflight +>&2 && .*jacpt.cli cpt'
+  run kmake -n lora PROFILE=h100-80g
+  assert_output --regexp 'jacpt.cli preflight +>&2 && .*jacpt.cli lora'
+  run kmake -n cpt DRY_RUN=1
+  refute_output --partial 'preflight'
+}
