@@ -42,6 +42,7 @@ from typing import Callable
 
 import click
 
+from jacpt import log as _log
 from jacpt import assets, encode, paths
 from jacpt.fsutil import sha256_file, write_json_atomic
 
@@ -58,7 +59,7 @@ _PACKAGES = ("jacpt", "tokenizers", "tiktoken", "bpe-qwen", "transformers", "nem
 
 
 def log(msg: str) -> None:
-    print(f"[jacpt] bench-data: {msg}", file=sys.stderr, flush=True)
+    _log(f"bench-data: {msg}")
 
 
 # ----------------------------------------------------------------------------- the input

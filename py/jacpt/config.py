@@ -13,7 +13,6 @@ import difflib
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import yaml

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from jacpt import log
 from jacpt import assets, corpus, encode, lora_data, paths, runs
 from jacpt.config import Config, parse_shards
 from jacpt.fsutil import sha256_file, staging_dir, write_json_atomic
@@ -32,9 +33,6 @@ _VAL_RE = re.compile(r"^validation_(\d+)\.jsonl(\.gz)?$")
 class DataError(Exception):
     """The data stage cannot go on; the message says what, where and the fix."""
 
-
-def log(msg: str) -> None:
-    print(f"[jacpt] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass

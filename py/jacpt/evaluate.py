@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
+from jacpt import log
 from jacpt import data as data_mod
 from jacpt import runs
 from jacpt.config import Config
@@ -38,9 +38,6 @@ FORMAT = 1
 BATCH_TOKENS = {"cuda": 16384, "cpu": 4096}
 CHUNK_TOKENS = {"cuda": 2048, "cpu": 512}
 
-
-def log(msg: str) -> None:
-    print(f"[jacpt] {msg}", file=sys.stderr, flush=True)
 
 
 def dir_identity(d: Path) -> dict:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
+from jacpt import log
 from jacpt import assets, data as data_mod, runs
 from jacpt.config import Config
 from jacpt.fsutil import sha256_file, write_json_atomic, write_text_atomic
@@ -26,9 +26,6 @@ MODELS = ("cpt", "lora")
 BASE_CONFIG_KEYS = ("max_position_embeddings", "max_window_layers", "bos_token_id", "eos_token_id", "rope_theta",
                     "rope_scaling", "use_sliding_window", "sliding_window")
 
-
-def log(msg: str) -> None:
-    print(f"[jacpt] {msg}", file=sys.stderr, flush=True)
 
 
 def fix_config(hf_out: Path, base_hf: Path) -> dict:

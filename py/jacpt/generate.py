@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from jacpt import log
 from jacpt import paths, runs
 from jacpt.config import Config
 from jacpt.fsutil import sha256_file, write_json_atomic, write_text_atomic
@@ -47,9 +48,6 @@ NO_CUDA_NOTE = "no CUDA: generating with transformers from the exported HF model
 MODELS = (("base", "base"), ("cpt", "CPT"), ("lora", "LoRA"))  # (key, label), in table order
 FORMAT = 1
 
-
-def log(msg: str) -> None:
-    print(f"[jacpt] {msg}", file=sys.stderr, flush=True)
 
 
 def cuda_available() -> bool:

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from jacpt import log
 from jacpt import paths
 from jacpt.config import Config, ConfigError
 
@@ -53,9 +54,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # names a Slurm job, a d
 # an image's variables precedence over the exported host ones) plus the kit's py dir.
 _SLURM_WRAPPER = "export PYTHONPATH={{ py_dir | safe }}${PYTHONPATH:+:$PYTHONPATH}\nexec {{ command | safe }}\n"
 
-
-def log(msg: str) -> None:
-    print(f"[jacpt] {msg}", file=sys.stderr, flush=True)
 
 
 def child_env(env_vars: dict[str, str], executor: str) -> dict[str, str]:

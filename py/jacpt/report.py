@@ -22,10 +22,10 @@ import json
 import re
 import secrets
 import statistics
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from jacpt import log
 from jacpt import runs
 from jacpt.config import Config
 from jacpt.fsutil import atomic_path, write_json_atomic, write_text_atomic
@@ -37,9 +37,6 @@ TRAIN_STAGES = (("cpt", "CPT"), ("lora", "LoRA"))
 IMAGES = ("loss.png", "lr.png")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls but \t and \n: not valid in HTML text
 
-
-def log(msg: str) -> None:
-    print(f"[jacpt] {msg}", file=sys.stderr, flush=True)
 
 
 def missing_text(stage: str, profile: str) -> str:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from jacpt import log
 from jacpt import assets, data as data_mod, paths, runs
 from jacpt.config import Config
 from jacpt.fsutil import sha256_file, write_text_atomic
 from jacpt.train import StageError
 
-
-def log(msg: str) -> None:
-    print(f"[jacpt] {msg}", file=sys.stderr, flush=True)
 
 
 def serialize(partial) -> str:

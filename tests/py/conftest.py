@@ -5,13 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from jacpt import assets, config, data, paths
+from jacpt import assets, config, data, paths, runs
 
 
 @pytest.fixture(scope="session")
@@ -41,15 +42,10 @@ def kit_env(monkeypatch, tmp_path, tokenizer_dir):
 def sample_data(tmp_path_factory, tokenizer_dir) -> dict:
     """`jacpt data` on the embedded sample (profile tiny-cpu), run once; returns the loaded manifest."""
     root = tmp_path_factory.mktemp("sample-data")
-    old = {k: os.environ.get(k) for k in ("JACPT_DATA_DIR", "JACPT_ASSETS_DIR")}
-    os.environ["JACPT_DATA_DIR"], os.environ["JACPT_ASSETS_DIR"] = str(root), str(tokenizer_dir.parent)
-    try:
-        cfg = config.load("tiny-cpu", env={})
-        manifest = data.load_manifest(data.run(cfg))
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    return manifest
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JACPT_DATA_DIR", str(root))
+        mp.setenv("JACPT_ASSETS_DIR", str(tokenizer_dir.parent))
+        return data.load_manifest(data.run(config.load("tiny-cpu", env={})))
 
 
 def sample_texts() -> list[str]:
@@ -108,3 +104,49 @@ def tiny_chain(chain_env) -> dict:
         if marker.name == "COMPLETE.json":
             out[stage].update(json.loads(marker.read_text(encoding="utf-8")))
     return out
+
+
+# ----------------------------------------------------------------------------- HF-only chains (demo, eval)
+
+
+def write_run(root: Path, name: str, outputs: dict | None, inputs: dict | None = None) -> Path:
+    """A fake run dir `root/tiny-cpu/<name>` (name: <stage>-<stamp>); complete when `outputs` is given."""
+    d = root / "tiny-cpu" / name
+    d.mkdir(parents=True)
+    stage = name.split("-")[0]
+    (d / runs.RUN_JSON).write_text(json.dumps({"stage": stage, "profile": "tiny-cpu", "key": f"fixture-{stage}",
+                                               "inputs": inputs or {}}), encoding="utf-8")
+    if outputs is not None:
+        (d / runs.MARKER).write_text(json.dumps({"stage": stage, "finished_utc": "2026-01-01T00:00:00Z",
+                                                 **outputs}), encoding="utf-8")
+    return d
+
+
+def perturbed_copy(src: Path, dst: Path, seed: int) -> Path:
+    """The tiny HF model with N(0, 0.02) added to every weight: another model, same architecture and tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), torch_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    model.to(torch.bfloat16).save_pretrained(str(dst), safe_serialization=True)
+    for f in src.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            shutil.copyfile(f, dst / f.name)
+    return dst
+
+
+def make_hf_chain(root: Path, tiny_model_dir: Path, export: bool = True, lora_same_as_cpt: bool = False) -> Path:
+    """A runs root with a complete import (hf_dir = the tiny model) and, when `export`, a complete export."""
+    write_run(root, "import-20260101-000000",
+               {"stage": "import", "checkpoint": "model", "hf_dir": str(tiny_model_dir)})
+    if export:
+        d = write_run(root, "export-20260101-000200", {"stage": "export", "models": {
+            "cpt": "hf/cpt", "lora": "hf/cpt" if lora_same_as_cpt else "hf/lora"}})
+        perturbed_copy(tiny_model_dir, d / "hf" / "cpt", seed=1)
+        if not lora_same_as_cpt:
+            perturbed_copy(tiny_model_dir, d / "hf" / "lora", seed=2)
+    return root

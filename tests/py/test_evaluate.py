@@ -1,7 +1,7 @@
 """jacpt.evaluate: validation perplexity of base / CPT / LoRA on the sample's held-out split, real tiny models.
 
 The data is the session's `jacpt data` run on the embedded sample (conftest.sample_data); the
-models are the tiny HF model and perturbed copies of it (test_generate.make_hf_chain).
+models are the tiny HF model and perturbed copies of it (conftest.make_hf_chain).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_generate import make_hf_chain
+from conftest import make_hf_chain
 
 from jacpt import config, evaluate, runs, train
 

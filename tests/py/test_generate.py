@@ -18,51 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import make_hf_chain, write_run
+
 from jacpt import config, generate, runs, train
 
 REQUIRED_PROMPTS = ("日本の首都は", "富士山について説明してください。", "機械学習とは何ですか。")
 PROMPTS = ["日本の首都は", "富士山は、", "機械学習とは何ですか。"]
 
 
-# ----------------------------------------------------------------------------- fixtures (test_evaluate uses them too)
-
-def _write_run(root: Path, name: str, outputs: dict) -> Path:
-    d = root / "tiny-cpu" / name
-    d.mkdir(parents=True)
-    (d / runs.RUN_JSON).write_text(json.dumps({"stage": name.split("-")[0], "key": "fixture"}), encoding="utf-8")
-    (d / runs.MARKER).write_text(json.dumps(outputs), encoding="utf-8")
-    return d
-
-
-def perturbed_copy(src: Path, dst: Path, seed: int) -> Path:
-    """The tiny HF model with N(0, 0.02) added to every weight: another model, same architecture and tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(src), torch_dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    model.to(torch.bfloat16).save_pretrained(str(dst), safe_serialization=True)
-    for f in src.iterdir():
-        if f.name not in ("model.safetensors", "config.json"):
-            shutil.copyfile(f, dst / f.name)
-    return dst
-
-
-def make_hf_chain(root: Path, tiny_model_dir: Path, export: bool = True, lora_same_as_cpt: bool = False) -> Path:
-    """A runs root with a complete import (hf_dir = the tiny model) and, when `export`, a complete export."""
-    _write_run(root, "import-20260101-000000",
-               {"stage": "import", "checkpoint": "model", "hf_dir": str(tiny_model_dir)})
-    if export:
-        d = _write_run(root, "export-20260101-000200", {"stage": "export", "models": {
-            "cpt": "hf/cpt", "lora": "hf/cpt" if lora_same_as_cpt else "hf/lora"}})
-        perturbed_copy(tiny_model_dir, d / "hf" / "cpt", seed=1)
-        if not lora_same_as_cpt:
-            perturbed_copy(tiny_model_dir, d / "hf" / "lora", seed=2)
-    return root
-
+# ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
 def chain_root(tmp_path_factory, tiny_model_dir) -> Path:
@@ -255,7 +219,7 @@ def test_dry_run_with_cuda_plans_nemo_workers_on_the_checkpoints(tmp_path, monke
     (root / "tiny-cpu" / "import-20260101-000000" / "model" / "context").mkdir(parents=True)
     (root / "tiny-cpu" / "import-20260101-000000" / "model" / "weights").mkdir()
     for stage in ("cpt", "lora"):
-        d = _write_run(root, f"{stage}-20260101-000100", {"checkpoint": f"{stage}/checkpoints/step=9-last"})
+        d = write_run(root, f"{stage}-20260101-000100", {"checkpoint": f"{stage}/checkpoints/step=9-last"})
         for sub in ("context", "weights"):
             (d / stage / "checkpoints" / "step=9-last" / sub).mkdir(parents=True)
     monkeypatch.setenv("JACPT_RUNS_DIR", str(root))

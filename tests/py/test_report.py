@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_run
+
 from jacpt import config, report, runs, train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -22,15 +24,7 @@ SHA = "ab" * 32
 
 
 def make_run(root: Path, stage: str, stamp: str, complete: dict | None, model_runs: dict | None = None) -> Path:
-    d = root / "tiny-cpu" / f"{stage}-{stamp}"
-    d.mkdir(parents=True)
-    inputs = {"model_runs": model_runs} if model_runs else {}
-    (d / runs.RUN_JSON).write_text(json.dumps({"stage": stage, "profile": "tiny-cpu", "key": stage,
-                                                "inputs": inputs}), encoding="utf-8")
-    if complete is not None:
-        (d / runs.MARKER).write_text(json.dumps({"stage": stage, "finished_utc": "2026-01-01T00:00:00Z",
-                                                 **complete}), encoding="utf-8")
-    return d
+    return write_run(root, f"{stage}-{stamp}", complete, {"model_runs": model_runs} if model_runs else None)
 
 
 def write_metrics(d: Path, n: int, first: float, gpu: bool) -> None:
