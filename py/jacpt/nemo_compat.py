@@ -58,6 +58,9 @@ def apply() -> list[str]:
         _patch_numpy_product()
     if cond["no_te"]:
         _patch_lora_te_guard()
+        _patch_local_core_attention()
+        if not cond["cpu"]:
+            _patch_fused_adamw()
     if cond["cpu"]:
         _patch_cpu()
     return APPLIED
@@ -124,6 +127,133 @@ def _patch_lora_te_guard() -> None:
         _note("peft.lora.te.Linear: placeholder class")
 
 
+# Megatron-Core's local spec (megatron/core/models/gpt/gpt_layer_specs.py:232 and :254) uses
+# DotProductAttention (transformer/dot_product_attention.py:150-199): it materialises the
+# [batch x heads x seq x seq] score matrix, softmaxes it in fp32 and keeps the probabilities for the
+# backward pass: at seq 2048 that is ~0.9 GB per layer per sample of Qwen2.5-0.5B, and most of the
+# step time. With TE, TEDotProductAttention runs fused flash attention instead. This is the no-TE
+# counterpart: torch's scaled_dot_product_attention (flash / memory-efficient kernels), same inputs,
+# same outputs (tests/py/test_sdpa_attention.py checks it against the stock module).
+ATTENTION_ENV = "JACPT_NO_TE_ATTENTION"  # "sdpa" (default) or "local" (Megatron's stock module)
+
+
+def _sdpa_class():
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.utils import divide
+
+    gqa_kw = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+    class SDPAttention(MegatronModule):
+        """Core attention through torch.nn.functional.scaled_dot_product_attention.
+
+        The constructor and forward take DotProductAttention's arguments. As TE's core attention does,
+        a causal self-attention (sq == sk) is computed with the causal kernel and the given mask, which
+        for GPT data is that same causal mask, is not read. Otherwise the boolean mask (True = masked
+        out, Megatron's convention) is applied; without one, every key is attended (a decode step).
+        """
+
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                     softmax_scale=None, cp_comm_type=None):
+            super().__init__(config=config)
+            assert config.context_parallel_size == 1, "context parallelism needs Transformer Engine"
+            assert config.window_size is None, "sliding-window attention needs Transformer Engine"
+            self.attn_mask_type = attn_mask_type
+            world = parallel_state.get_tensor_model_parallel_world_size()
+            projection = config.kv_channels * config.num_attention_heads
+            self.hidden_size_per_partition = divide(projection, world)
+            self.heads = divide(config.num_attention_heads, world)
+            self.groups = divide(config.num_query_groups, world)
+            head_dim = divide(projection, config.num_attention_heads)
+            # apply_query_key_layer_scaling divides the scores by the layer number and multiplies them back
+            # inside the softmax: the product is 1/sqrt(head_dim) either way.
+            self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+            self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            assert packed_seq_params is None, "packed sequences need Transformer Engine"
+            assert attention_bias is None, "attention bias is not supported without Transformer Engine"
+            mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+            sq, b = query.shape[0], query.shape[1]
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, n, d] -> [b, n, s, d]
+            kw = {}
+            if self.heads != self.groups:
+                if gqa_kw:
+                    kw["enable_gqa"] = True
+                else:
+                    k = k.repeat_interleave(self.heads // self.groups, dim=1)
+                    v = v.repeat_interleave(self.heads // self.groups, dim=1)
+            causal = mask_type == AttnMaskType.causal and sq == key.shape[0] and sq > 1
+            mask = None if causal or attention_mask is None else ~attention_mask
+            p = self.dropout if self.training else 0.0
+            if p > 0 and not self.config.sequence_parallel:
+                with tensor_parallel.get_cuda_rng_tracker().fork():
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
+                                                         scale=self.scale, **kw)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
+                                                     scale=self.scale, **kw)
+            return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    return SDPAttention
+
+
+_SDPA = None
+
+
+def sdpa_attention_class():
+    """The SDPA core-attention module (built once, on first use: it needs megatron-core)."""
+    global _SDPA
+    if _SDPA is None:
+        _SDPA = _sdpa_class()
+    return _SDPA
+
+
+def _patch_local_core_attention() -> None:
+    import os
+
+    choice = os.environ.get(ATTENTION_ENV, "sdpa")
+    if choice not in ("sdpa", "local"):
+        raise ValueError(f"{ATTENTION_ENV}={choice!r}: use 'sdpa' (torch flash attention, the default) or "
+                         "'local' (Megatron-Core's unfused DotProductAttention)")
+    if choice == "local":
+        _note("core attention: Megatron-Core DotProductAttention (JACPT_NO_TE_ATTENTION=local)")
+        return
+    import megatron.core.models.gpt.gpt_layer_specs as specs
+
+    specs.DotProductAttention = sdpa_attention_class()
+    _note("local spec core attention: torch scaled_dot_product_attention")
+
+
+ADAMW_ENV = "JACPT_NO_TE_ADAMW"  # "fused" (default) or "foreach" (torch's default implementation)
+
+
+def _patch_fused_adamw() -> None:
+    # megatron/core/optimizer/__init__.py:11-25 takes TE's FusedAdam, else apex's, else torch.optim.AdamW
+    # with its defaults (the multi-tensor "foreach" path), and builds it at :352 without `fused`. torch's
+    # fused AdamW is the same update in one kernel per parameter group: the no-TE counterpart of FusedAdam.
+    import importlib.util
+    import os
+
+    choice = os.environ.get(ADAMW_ENV, "fused")
+    if choice not in ("fused", "foreach"):
+        raise ValueError(f"{ADAMW_ENV}={choice!r}: use 'fused' (the default) or 'foreach'")
+    if choice == "foreach" or importlib.util.find_spec("apex") is not None:
+        return
+    import megatron.core.optimizer as mopt
+    import torch
+
+    if mopt.Adam is torch.optim.AdamW:
+        mopt.Adam = functools.partial(torch.optim.AdamW, fused=True)
+        _note("megatron optimizer: torch AdamW(fused=True)")
+
+
 # The local (non-TE) layer spec keeps the RMSNorms as separate modules; NeMo's Qwen2 connectors
 # (nemo/collections/llm/gpt/model/qwen2.py:224-225 and :319-320) name the TE-fused weights instead,
 # so without TE the import silently leaves every norm at 1.0 and the export fails with IndexError.
@@ -176,6 +306,9 @@ def no_te_model_overrides() -> dict:
     # megatron/core/fusions/fused_softmax.py:161 (FusedScaleMaskSoftmax.is_kernel_available, via
     # get_batch_per_block at :218) imports apex's scaled_masked_softmax_cuda unguarded for bf16 and
     # seq <= 4096; with the fusion off torch's softmax is used instead.
+    # (bias_activation_fusion, the SwiGLU fusion, was measured and left off: +1.4% tokens/s in training, but the
+    # flag is saved with the checkpoint's config and its torch.compile'd kernel recompiles for every new shape
+    # in generation, which it made ~10x slower; BENCHMARKS.md.)
     return {"masked_softmax_fusion": False}
 
 
