@@ -107,7 +107,7 @@ demo: $(STAMPS)/python ## base / CPT / LoRA answers side by side (INTERACTIVE=1 
 	$(JACPT) demo $(if $(filter 1,$(INTERACTIVE)),--interactive) $(OVERRIDES)
 
 .PHONY: eval
-eval: $(STAMPS)/python ## validation perplexity of base, CPT and LoRA
+eval: $(STAMPS)/python ## base vs CPT vs LoRA: perplexity, Japanese-answer rate, EM/chrF/BLEU, loops
 	$(JACPT) eval $(OVERRIDES)
 
 .PHONY: rehearse
@@ -162,6 +162,10 @@ pytest: $(STAMPS)/setup $(STAMPS)/assets ## Python tests (CPU; GPU tests skip wi
 .PHONY: bench-data
 bench-data: $(STAMPS)/python $(STAMPS)/assets ## tokeniser throughput table (a benchmark, not a test)
 	$(JACPT) bench-data
+
+.PHONY: bench
+bench: $(STAMPS)/python $(STAMPS)/assets ## GPU throughput table: NeMo CPT/LoRA vs transformers vs peak, generation (BENCH_ARGS="--only cpt")
+	$(JACPT) bench $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## remove generated data and runs (keeps downloads in data/raw, the venv and assets)

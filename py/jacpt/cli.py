@@ -147,10 +147,10 @@ _stage_command("demo", "generate:demo_stage",
                "Base, CPT and LoRA answer the demo prompts side by side, with load time, latency and tokens/s.",
                "print the models, method and settings it would use; load nothing; exit 0", interactive=True)
 _stage_command("eval", "evaluate:eval_stage",
-               "Validation perplexity of base, CPT and LoRA on the held-out set: table + JSON.",
+               "Base vs CPT vs LoRA: perplexity, Japanese-answer rate, exact match/chrF/BLEU, length, loops, speed.",
                "print the models and data it would score; load nothing; exit 0")
 _stage_command("report", "report:report_stage",
-               "Offline HTML + Markdown report of the last good runs: curves, perplexity, generations, hand-off.",
+               "Offline HTML + Markdown report of the last good runs: curves, evaluation, generations, hand-off.",
                "print which runs it would use; write no report; exit 0")
 
 
@@ -201,6 +201,60 @@ def bench_data(mb, out_dir):
     from jacpt import bench_data as bench_mod
 
     bench_mod.main(mb=mb, out_dir=out_dir)
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated integers, e.g. 2,4,8") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"{value!r}: give one or more positive integers")
+    return out
+
+
+def _choice_list(choices):
+    def check(ctx, param, value: str) -> list[str]:
+        out = [x.strip() for x in value.split(",") if x.strip()]
+        bad = [x for x in out if x not in choices]
+        if bad or not out:
+            raise click.BadParameter(f"{value!r}: choose from {', '.join(choices)} (comma-separated)")
+        return out
+    return check
+
+
+@cli.command()
+@click.option("--only", default="hf,cpt,lora,gen", callback=_choice_list(("hf", "cpt", "lora", "gen")),
+              help="what to measure (comma-separated)")
+@click.option("--mbs", default="2,4,8", callback=_int_list, help="CPT micro-batches (seq 2048)")
+@click.option("--variants", default="kit",
+              callback=_choice_list(("kit", "local", "sdpa", "sdpa+adamw", "sdpa+adamw+swiglu")),
+              help="CPT set-ups without Transformer Engine: kit (what make cpt runs) at every --mbs; the levers "
+                   "(local = Megatron's stock attention, sdpa, +adamw = fused AdamW, +swiglu) at --lever-mbs")
+@click.option("--lever-mbs", default=4, type=click.IntRange(1), help="micro-batch of the lever variants and LoRA")
+@click.option("--hf-modes", default="bf16,amp", callback=_choice_list(("bf16", "amp")),
+              help="transformers baseline: pure bf16 weights, and/or fp32 master weights + autocast")
+@click.option("--steps", default=20, type=click.IntRange(5), help="timed steps (the median is reported)")
+@click.option("--warmup", default=10, type=click.IntRange(1), help="untimed steps first")
+@click.option("--peak-tflops", type=click.FloatRange(1), default=None,
+              help="the GPU's dense bf16 peak, for MFU (default: looked up from the GPU's name)")
+@click.option("--timeout", default=600, type=click.IntRange(30), help="seconds per case before it is stopped")
+@click.option("--out-dir", default="bench/results", type=click.Path(file_okay=False, path_type=Path),
+              help="where the JSON of figures goes (relative to the kit root)")
+@click.option("--merge", is_flag=True,
+              help="keep the cases of today's JSON for this GPU that this run does not measure again")
+def bench(only, mbs, variants, lever_mbs, hf_modes, steps, warmup, peak_tflops, timeout, out_dir, merge):
+    """GPU throughput: NeMo CPT and LoRA vs plain transformers vs the GPU's peak; generation speed."""
+    from jacpt import bench as bench_mod, paths
+
+    command = "jacpt bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "jacpt bench"
+    out = out_dir if out_dir.is_absolute() else paths.KIT_ROOT / out_dir
+    try:
+        bench_mod.main(only=only, mbs=mbs, variants=variants, steps=steps, warmup=warmup, out_dir=out,
+                       peak=peak_tflops, lora_mbs=lever_mbs, hf_modes=hf_modes, timeout=timeout, command=command,
+                       merge=merge)
+    except bench_mod.BenchError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def main() -> None:

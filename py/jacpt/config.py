@@ -138,6 +138,15 @@ KEYS: dict[str, Key] = {
     "cpt.loss_gate": Key(float, 6.0, "stop when the first step's loss exceeds this: a restored Qwen2.5 starts near "
                          "2-4 on ja_wiki, a random one near 11.9 (0: off)", check=lambda v: None if v >= 0 else
                          "must be >= 0"),
+    "cpt.grad_explode_factor": Key(float, 10.0, "warn once when the grad norm exceeds this many times its running "
+                                   "median; lower catches smaller spikes but warns on noise (0: off; a nan or inf "
+                                   "norm is never ignored)", check=lambda v: None if v == 0 or v > 1 else
+                                   "must be 0 (off) or above 1"),
+    "cpt.early_stop_patience": Key(int, 0, "stop after this many validation checks without a val-loss improvement "
+                                   "(0: off); saves steps on a plateau, but a noisy val loss can end a run too early",
+                                   check=_nonneg),
+    "cpt.early_stop_min_delta": Key(float, 0.0, "how far val loss must fall to count as an improvement; larger stops "
+                                    "sooner", check=lambda v: None if v >= 0 else "must be >= 0"),
     # --- lora -------------------------------------------------------------
     "lora.seq_length": Key(int, 1024, "tokens per example (prompt + answer)", check=_positive),
     "lora.micro_batch_size": Key(int, 4, "examples per GPU per step", check=_positive),
@@ -148,6 +157,16 @@ KEYS: dict[str, Key] = {
     "lora.val_check_interval": Key(int, 50, "validate every N steps", check=_positive),
     "lora.limit_val_batches": Key(int, 8, "validation batches per check", check=_positive),
     "lora.ckpt_every_n_steps": Key(int, 50, "save a checkpoint every N steps (resume point)", check=_positive),
+    "lora.log_every_n_steps": Key(int, 1, "log loss, grad norm and memory every N steps", check=_positive),
+    "lora.grad_explode_factor": Key(float, 10.0, "warn once when the grad norm exceeds this many times its running "
+                                    "median; lower catches smaller spikes but warns on noise (0: off; a nan or inf "
+                                    "norm is never ignored)", check=lambda v: None if v == 0 or v > 1 else
+                                    "must be 0 (off) or above 1"),
+    "lora.early_stop_patience": Key(int, 0, "stop after this many validation checks without a val-loss improvement "
+                                    "(0: off; the GPU profiles use 3); saves steps once the adapters stop learning, "
+                                    "but a noisy val loss can end a run too early", check=_nonneg),
+    "lora.early_stop_min_delta": Key(float, 0.0, "how far val loss must fall to count as an improvement; larger "
+                                     "stops sooner", check=lambda v: None if v >= 0 else "must be >= 0"),
     "lora.dim": Key(int, 32, "adapter rank; trainable parameters grow linearly with it", check=_positive),
     "lora.alpha": Key(int, 32, "adapter scale (alpha/dim multiplies the update)", check=_positive),
     "lora.dropout": Key(float, 0.0, "dropout on the adapter input", check=_unit),
@@ -168,6 +187,20 @@ KEYS: dict[str, Key] = {
     "demo.top_p": Key(float, 0.9, "nucleus sampling; NeMo allows top_k or top_p, not both", check=_unit),
     "demo.seed": Key(int, 1234, "sampling seed, so a rehearsal shows what the demo will show"),
     "eval.max_val_tokens": Key(int, 200000, "validation tokens scored for perplexity (0: all)", check=_nonneg),
+    "eval.max_examples": Key(int, 64, "LoRA test.jsonl examples each model answers (0: all); more steady the "
+                             "scores, each costs up to max_new_tokens decoding steps per model", check=_nonneg),
+    "eval.max_new_tokens": Key(int, 128, "tokens generated per answer (greedy, stops at eos); references run up to "
+                               "240 characters, so fewer cut every model short alike and lower chrF/BLEU",
+                               check=_positive),
+    "eval.batch_size": Key(int, 16, "answers generated together (left-padded); 1 times each answer alone, more is "
+                           "faster on a GPU but an answer's latency is then its batch's", check=_positive),
+    "eval.ja_threshold": Key(float, 0.5, "share of an answer's letters that must be Japanese script (it needs kana "
+                             "too: Han alone is Chinese); higher also rejects Japanese full of Latin terms",
+                             check=_unit),
+    "eval.repeat_unit": Key(int, 4, "shortest unit, in characters, whose back-to-back repeats make a loop; lower "
+                            "also flags harmless runs such as ……", check=_positive),
+    "eval.repeat_times": Key(int, 3, "back-to-back repeats of a unit that make a loop; 2 also flags a phrase said "
+                             "twice", check=lambda v: None if v >= 2 else "must be >= 2"),
     # --- launch -------------------------------------------------------------
     "launch.executor": Key(str, "local", "local (this machine; torchrun when gpus > 1) or slurm (sbatch through "
                            "NeMo-Run's SlurmExecutor)", env="EXECUTOR", choices=("local", "slurm")),

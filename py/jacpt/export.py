@@ -97,8 +97,26 @@ ids = tok("日本の首都は", return_tensors="pt")
 print(tok.decode(model.generate(**ids, max_new_tokens=32)[0]))
 ```
 
+Provenance in `model_info.json`: model type, base model, data manifest checksum, steps, tokens seen,
+final losses, trainable parameters, LoRA settings, package versions and the training settings.
 Files are listed with their sha256 in `SHA256SUMS` (`sha256sum -c SHA256SUMS`).
 """
+
+
+def exported_info(kind: str, hf_dir: Path, parent: runs.Run, ckpt: Path, cfg: Config) -> dict:
+    """model_info.json of an exported HF dir: its NeMo checkpoint's, as model type CPT (cpt) or merged
+    (lora: adapters merged into the CPT weights), with the export's versions and time, and that
+    checkpoint first in the lineage. Steps, losses, trainable parameters and `config` stay those of
+    the training run that made the weights."""
+    from jacpt.stages import inherited
+
+    info = runs.read_model_info(ckpt)
+    if info is None:  # a checkpoint of a run made before the kit wrote model_info.json: rebuilt from its run
+        grand = runs.Run(Path(parent.info()["inputs"]["parent_run"]), "import" if kind == "cpt" else "cpt")
+        info = runs.model_info("CPT" if kind == "cpt" else "LoRA", ckpt, parent.outputs(), parent.info(),
+                               **inherited(grand, grand.dir / grand.outputs()["checkpoint"], cfg))
+    return runs.derived_info(info, "CPT" if kind == "cpt" else "merged", hf_dir, format_on_disk="hf",
+                             exported_from=str(ckpt))
 
 
 def log_artifact(cfg: Config, run_dir: Path, hf_dir: Path, name: str, metadata: dict) -> str:
@@ -172,6 +190,7 @@ def export_stage(cfg: Config, dry_run: bool) -> Path:
             raise StageError(f"{d}: the exported tokenizer is not the model's Qwen2.5 tokenizer")
         write_text_atomic(d / "README.md", model_card(kind, cfg, cfg["model.hf_id"], parents[kind].outputs(),
                                                       manifest, str(d)))
+        runs.write_model_info(d, exported_info(kind, d, parents[kind], ckpts[kind], cfg))  # listed in SHA256SUMS
         out["models"][kind] = f"hf/{kind}"
         out["sha256"][kind] = write_sums(d)
     meta = {"profile": cfg.profile, "base_model": cfg["model.hf_id"], **{

@@ -5,9 +5,11 @@
 From the newest complete run of each stage (`runs.latest_complete`):
 
     cpt, lora   metrics.jsonl -> loss.png (train loss, val loss markers), lr.png, step time, tokens/s, peak memory
-    eval        eval.json     -> the base / CPT / LoRA perplexity table
+    eval        eval.json     -> the evaluation table (jacpt.metrics.table: one row per metric, base / CPT /
+                                 LoRA columns), the perplexity detail, every test answer with its metrics
     demo        demo.json     -> the generations side by side, load time and tokens/s
-    export      COMPLETE.json -> the hand-off manifest: model dirs, sha256 of every file, config fixes
+    export      COMPLETE.json -> the hand-off manifest: model dirs, sha256 of every file (each model dir's
+                                 SHA256SUMS as it is now, since `jacpt eval` adds to the model cards), config fixes
 
 Missing pieces are not fatal: their section says which `make` target makes them. Only a missing CPT
 run is (StageError): there is nothing to report before the chain has run. The HTML has no external
@@ -26,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from jacpt import log
-from jacpt import runs
+from jacpt import metrics, runs
 from jacpt.config import Config
 from jacpt.fsutil import atomic_path, write_json_atomic, write_text_atomic
 from jacpt.train import StageError
@@ -119,6 +121,19 @@ def stale_note(run: runs.Run, found: dict) -> str | None:
     return None
 
 
+def current_sums(run: runs.Run) -> dict:
+    """The export's COMPLETE.json with each model's sha256 table read from its SHA256SUMS where that exists:
+    `jacpt eval` writes an Evaluation section into the model cards and rewrites SHA256SUMS after the export."""
+    out = run.outputs()
+    sums = dict(out.get("sha256") or {})
+    for kind, rel in (out.get("models") or {}).items():
+        path = run.dir / rel / "SHA256SUMS"
+        if path.is_file():
+            lines = [ln.split("  ", 1) for ln in path.read_text(encoding="utf-8").splitlines() if "  " in ln]
+            sums[kind] = {name: digest for digest, name in lines}
+    return {**out, "sha256": sums}
+
+
 def collect(cfg: Config, found: dict) -> dict:
     """Everything the report shows, as plain data (also saved as report.json)."""
     doc: dict = {"format": FORMAT, "profile": cfg.profile,
@@ -136,7 +151,7 @@ def collect(cfg: Config, found: dict) -> dict:
             doc["notes"][stage] = f"{run.dir / 'metrics.jsonl'} is missing or empty: no curves for this run"
     doc["eval"] = read_json(found["eval"], "eval_json", "eval.json") if found["eval"] else None
     doc["demo"] = read_json(found["demo"], "demo_json", "demo.json") if found["demo"] else None
-    doc["export"] = found["export"].outputs() if found["export"] else None
+    doc["export"] = current_sums(found["export"]) if found["export"] else None
     for stage in ("eval", "demo"):
         if found[stage] is not None and (note := stale_note(found[stage], found)):
             doc["notes"][stage] = note
@@ -228,6 +243,15 @@ def eval_rows(ev: dict) -> list[list[str]]:
              _num(r.get("seconds"), ".1f"), _num(r.get("tokens_per_s"), ",.0f")] for r in ev["results"]]
 
 
+OLD_EVAL = "this eval run has perplexity only (eval.json format 1): run make eval again for the answer metrics"
+
+
+def eval_answer_stats(a: dict) -> str:
+    return (f"{a['chars']} chars · {'Japanese' if a['japanese'] else 'not Japanese'} · "
+            f"{'loop' if a['repeat'] else 'no loop'} · {'exact' if a['exact'] else 'not exact'} · "
+            f"chrF {a['chrf']:.1f} · BLEU {a['bleu']:.1f} · {a['new_tokens']} tok · {a['latency_s']:.2f} s")
+
+
 def demo_settings(demo: dict) -> str:
     s = demo["settings"]
     sampling = f"temperature={s['temperature']}, top_p={s['top_p']}, seed={s['seed']}"
@@ -314,16 +338,36 @@ def render_html(doc: dict) -> str:
     out.append('<p><img src="loss.png" alt="training loss and validation loss per optimizer step"></p>')
     out.append('<p><img src="lr.png" alt="learning rate per optimizer step"></p>')
 
-    out.append("<h2>Validation perplexity</h2>")
+    out.append("<h2>Evaluation: base vs CPT vs LoRA</h2>")
     ev = doc["eval"]
     if ev is None:
         out.append(_missing(missing_text("eval", p)))
     else:
-        out.append(f"<p>{_e(ev['data']['prefix'])}: windows of {_e(ev['settings']['seq_length'])} tokens, "
-                   f"transformers on {_e(ev['device'])}, {_e(ev['dtype'])}</p>")
         if "eval" in doc["notes"]:
             out.append(f'<p class="note">{_e(doc["notes"]["eval"])}</p>')
+        header, rows = metrics.table(ev)
+        out.append(_table(header, rows, numeric=set(range(1, len(header)))))
+        out.append("<ul>" + "".join(f"<li>{_e(x)}</li>" for x in metrics.definitions(ev)) + "</ul>")
+        if "examples" not in ev:
+            out.append(_missing(OLD_EVAL))
+        out.append("<h3>Validation perplexity</h3>")
+        out.append(f"<p>{_e(ev['data']['prefix'])}: windows of {_e(ev['settings']['seq_length'])} tokens, "
+                   f"transformers on {_e(ev['device'])}, {_e(ev['dtype'])}</p>")
         out.append(_table(EVAL_HEADER, eval_rows(ev), numeric={1, 2, 3, 4, 5}))
+        if ev.get("examples"):
+            out.append("<h3>Answers on the LoRA test set</h3>")
+            models = ev["models"]
+            head = "".join(f"<th>{_e(h)}</th>" for h in ["id", "prompt", "reference"] + [m["label"] for m in models])
+            rows = []
+            for ex in ev["examples"]:
+                cells = [f'<td class="n">{_e(ex["id"])}</td>', f'<td class="gen" lang="ja">{_e(ex["input"])}</td>',
+                         f'<td class="gen" lang="ja">{_e(ex["reference"])}</td>']
+                for m in models:
+                    a = ex["answers"][m["key"]]
+                    cells.append(f'<td class="gen" lang="ja">{_e(a["text"])}\n'
+                                 f'<span class="stats">[{_e(eval_answer_stats(a))}]</span></td>')
+                rows.append("<tr>" + "".join(cells) + "</tr>")
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
     out.append("<h2>Generations</h2>")
     demo = doc["demo"]
@@ -404,14 +448,27 @@ def render_markdown(doc: dict) -> str:
             out += [f"> {missing_text(stage, p)}", ""]
         elif stage in doc["notes"]:
             out += [f"> {_md(doc['notes'][stage])}", ""]
-    out += ["![loss](loss.png)", "", "![learning rate](lr.png)", "", "## Validation perplexity", ""]
+    out += ["![loss](loss.png)", "", "![learning rate](lr.png)", "", "## Evaluation: base vs CPT vs LoRA", ""]
     ev = doc["eval"]
     if ev is None:
         out += [f"> {missing_text('eval', p)}", ""]
     else:
         if "eval" in doc["notes"]:
             out += [f"> {_md(doc['notes']['eval'])}", ""]
+        header, rows = metrics.table(ev)
+        out += _md_table(header, rows, numeric=set(range(1, len(header))))
+        out += [f"- {_md(x)}" for x in metrics.definitions(ev)] + [""]
+        if "examples" not in ev:
+            out += [f"> {OLD_EVAL}", ""]
+        out += ["### Validation perplexity", ""]
         out += _md_table(EVAL_HEADER, eval_rows(ev), numeric={1, 2, 3, 4, 5})
+        if ev.get("examples"):
+            models = ev["models"]
+            out += ["### Answers on the LoRA test set", ""]
+            out += _md_table(["id", "prompt", "reference"] + [m["label"] for m in models],
+                             [[str(ex["id"]), ex["input"], ex["reference"]]
+                              + [f"{ex['answers'][m['key']]['text']}\n[{eval_answer_stats(ex['answers'][m['key']])}]"
+                                 for m in models] for ex in ev["examples"]], numeric={0})
     out += ["## Generations", ""]
     demo = doc["demo"]
     if demo is None:

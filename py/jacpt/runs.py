@@ -6,6 +6,10 @@
         COMPLETE.json   written last: the outputs a later stage consumes
         ...             the stage's own files (checkpoints, logs, wandb, tensorboard)
 
+Every checkpoint a later stage or a teammate consumes (the import's `model/`, the last CPT and
+LoRA checkpoints, each exported HF dir) gets a `model_info.json` beside its files, written before
+COMPLETE.json: what the model is, where it came from and how it was trained (`model_info`).
+
 Later stages find their input by marker (`latest_complete`), never by guessing file
 names. A stage re-run with the same inputs and settings finds its complete run and does
 nothing; an incomplete run with the same inputs is resumed in place.
@@ -31,6 +35,9 @@ from jacpt.fsutil import write_json_atomic, write_text_atomic
 
 MARKER = "COMPLETE.json"
 RUN_JSON = "run.json"
+MODEL_INFO = "model_info.json"
+MODEL_TYPES = ("base", "CPT", "LoRA", "merged")
+LORA_KEYS = ("dim", "alpha", "dropout", "targets")
 _DISTS = ("jacpt", "nemo-toolkit", "megatron-core", "nemo-run", "lightning", "torch", "transformers", "tokenizers",
           "tiktoken", "numpy", "transformer-engine", "wandb")
 
@@ -143,3 +150,59 @@ def open_run(cfg, stage: str, key_material: dict, inputs: dict, argv: list[str] 
         write_text_atomic(d / "git.diff", diff)
     write_json_atomic(d / RUN_JSON, info)
     return run, "new"
+
+
+# ----------------------------------------------------------------------------- model_info.json
+
+def model_info(model_type: str, checkpoint: Path, outputs: dict, run_info: dict, base_model: dict,
+               lineage: list[dict]) -> dict:
+    """The model_info.json of a checkpoint made by a run.
+
+    outputs: what the run's COMPLETE.json says (or will say): steps, tokens, last_loss, val_loss,
+    trainable_params, total_params, trainable_pct, tokenizer_fingerprint; run_info: its run.json
+    (settings, inputs). base_model: {name, hf_dir, ...}; lineage: the models it was made from,
+    nearest first (`lineage_entry`).
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r}: use one of {', '.join(MODEL_TYPES)}")
+    settings = run_info.get("settings", {})
+    lora = ({k: settings.get(f"lora.{k}") for k in LORA_KEYS} if model_type in ("LoRA", "merged") else None)
+    return {
+        "format": 1, "model_type": model_type, "checkpoint": str(checkpoint), "created_utc": _now(),
+        "base_model": base_model,
+        "data_manifest_sha256": run_info.get("inputs", {}).get("data_manifest_sha256"),
+        "steps": outputs.get("steps", 0), "tokens_seen": outputs.get("tokens", 0),
+        "final_train_loss": outputs.get("last_loss"), "final_val_loss": outputs.get("val_loss"),
+        "trainable_params": outputs.get("trainable_params"), "total_params": outputs.get("total_params"),
+        "trainable_pct": outputs.get("trainable_pct"), "lora": lora,
+        "tokenizer_fingerprint": outputs.get("tokenizer_fingerprint"), "lineage": lineage,
+        "versions": versions(), "config": settings,
+    }
+
+
+def lineage_entry(info: dict) -> dict:
+    """One line of a model's lineage: the parent it was trained or converted from."""
+    return {k: info.get(k) for k in ("model_type", "checkpoint", "steps", "tokens_seen", "final_val_loss")}
+
+
+def derived_info(info: dict, model_type: str, checkpoint: Path, **extra) -> dict:
+    """The model_info of a model converted from the one `info` describes (an HF export): the same
+    training record, a new type, place, time and versions, and that model first in the lineage."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r}: use one of {', '.join(MODEL_TYPES)}")
+    return {**info, "model_type": model_type, "checkpoint": str(checkpoint), "created_utc": _now(),
+            "versions": versions(), "lineage": [lineage_entry(info), *info["lineage"]], **extra}
+
+
+def read_model_info(d: Path) -> dict | None:
+    """The model_info.json beside a checkpoint's files, or None (a run made before the kit wrote them)."""
+    path = Path(d) / MODEL_INFO
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def write_model_info(d: Path, info: dict) -> Path:
+    """Write `d`/model_info.json atomically (a top-level file in a NeMo checkpoint dir, beside
+    context/ and weights/, which NeMo's loaders never list)."""
+    path = Path(d) / MODEL_INFO
+    write_json_atomic(path, info)
+    return path

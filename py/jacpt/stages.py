@@ -65,6 +65,12 @@ def check_hf_dir(d: Path, expect_layers: int) -> dict:
     return {n: sha256_file(d / n) for n in names}
 
 
+def base_model(cfg: Config, src: Path, files: dict) -> dict:
+    """model_info.json's base_model: the HF model imported, by name, directory and file checksums."""
+    name = "tiny-qwen2 (the kit's embedded test model)" if cfg["model.hf_dir"] == "tiny" else cfg["model.hf_id"]
+    return {"name": name, "hf_dir": str(src), "hf_files_sha256": files}
+
+
 def import_stage(cfg: Config, dry_run: bool) -> Path:
     from jacpt.train import config_of, te_present
 
@@ -102,8 +108,11 @@ def import_stage(cfg: Config, dry_run: bool) -> Path:
     log(f"import {src} -> {out}")
     fdl.build(task)()
     tok_fp = assets.tokenizer_fingerprint(out / "context" / "nemo_tokenizer")
-    run.mark_complete({"checkpoint": "model", "hf_dir": str(src), "tokenizer_fingerprint": tok_fp,
-                       **qwen.LAST_IMPORT})
+    outputs = {"checkpoint": "model", "hf_dir": str(src), "tokenizer_fingerprint": tok_fp, **qwen.LAST_IMPORT}
+    runs.write_model_info(out, runs.model_info(
+        "base", out, {**outputs, "total_params": qwen.LAST_IMPORT.get("params")}, run.info(),
+        base_model=base_model(cfg, src, files), lineage=[]))
+    run.mark_complete(outputs)
     log(f"imported: {qwen.LAST_IMPORT.get('params'):,} parameters, tied={qwen.LAST_IMPORT.get('tied')}")
     return run.dir / runs.MARKER
 
@@ -149,13 +158,44 @@ def _train_stage(cfg: Config, stage: str, dry_run: bool) -> Path:
     tok_fp = assets.tokenizer_fingerprint(ckpt / "context" / "nemo_tokenizer")
     if tok_fp != parent_tok:
         raise StageError(f"{ckpt} carries another tokenizer than its parent ({tok_fp[:12]} != {parent_tok[:12]})")
-    metrics = train.read_metrics(run.dir)
-    c = cfg.section(stage)
-    steps = int(c["max_steps"])
-    run.mark_complete({"checkpoint": str(ckpt.relative_to(run.dir)), "tokenizer_fingerprint": tok_fp,
-                       "steps": steps, "tokens": steps * c["global_batch_size"] * c["seq_length"], **metrics})
+    outputs = train_outputs(cfg, stage, run.dir, ckpt, tok_fp)
+    parent_ckpt = parent.dir / parent.outputs()["checkpoint"]
+    runs.write_model_info(ckpt, runs.model_info(
+        "CPT" if stage == "cpt" else "LoRA", ckpt, outputs, run.info(), **inherited(parent, parent_ckpt, cfg)))
+    run.mark_complete(outputs)
     log(f"{stage} done: {ckpt}")
     return run.dir / runs.MARKER
+
+
+def train_outputs(cfg: Config, stage: str, run_dir: Path, ckpt: Path, tok_fp: str) -> dict:
+    """COMPLETE.json of a finished CPT or LoRA run: the checkpoint consumed, the steps actually done
+    (fewer than max_steps when early stopping ended the run), tokens seen, losses, parameter counts."""
+    from jacpt import train
+
+    c = cfg.section(stage)
+    steps = train.steps_done(run_dir, ckpt)
+    if steps < c["max_steps"]:
+        why = ("early stopping on val_loss" if c["early_stop_patience"] > 0 else
+               "early stopping is off, so something else ended it: see the run's logs")
+        log(f"{stage} ended at step {steps} of {stage}.max_steps={c['max_steps']} ({why}); recording {steps} steps")
+    return {"checkpoint": str(ckpt.relative_to(run_dir)), "tokenizer_fingerprint": tok_fp, "steps": steps,
+            "max_steps": c["max_steps"], "stopped_early": steps < c["max_steps"],
+            "tokens": steps * c["global_batch_size"] * c["seq_length"], **train.read_metrics(run_dir),
+            **train.read_params(run_dir)}
+
+
+def inherited(parent: runs.Run, parent_ckpt: Path, cfg: Config) -> dict:
+    """base_model and lineage for a model made from `parent_ckpt` (from its model_info.json; for a
+    parent written before the kit wrote them, what its run records)."""
+    info = runs.read_model_info(parent_ckpt)
+    if info is None:
+        out = parent.outputs()
+        base = {"name": cfg["model.hf_id"], "hf_dir": out.get("hf_dir")}
+        kind = {"import": "base", "cpt": "CPT", "lora": "LoRA"}.get(parent.stage)
+        return {"base_model": base, "lineage": [{"model_type": kind, "checkpoint": str(parent_ckpt),
+                                                 "steps": out.get("steps"), "tokens_seen": out.get("tokens"),
+                                                 "final_val_loss": out.get("val_loss")}]}
+    return {"base_model": info["base_model"], "lineage": [runs.lineage_entry(info), *info["lineage"]]}
 
 
 def cpt_stage(cfg: Config, dry_run: bool) -> Path:

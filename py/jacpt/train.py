@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from jacpt import data as data_mod
@@ -24,6 +25,9 @@ ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_he
                "kv_channels", "vocab_size", "seq_length", "rotary_base", "layernorm_epsilon", "init_method_std",
                "share_embeddings_and_output_weights", "make_vocab_size_divisible_by", "normalization",
                "gated_linear_unit", "add_bias_linear", "add_qkv_bias", "position_embedding_type")
+
+
+PARAMS_JSON = "params.json"
 
 
 class StageError(Exception):
@@ -82,22 +86,37 @@ def _wandb(cfg: Config, run_dir: Path, stage: str):
                       save_dir=str(run_dir / "wandb"), config=cfg.as_dict())
 
 
-def _common(recipe, cfg: Config, section: str, run_dir: Path) -> None:
-    """Trainer, checkpointing, logging and CPU/no-TE settings shared by CPT and LoRA."""
+def hygiene_callbacks(cfg: Config, section: str, run_dir: Path) -> list:
+    """The kit's callbacks for every CPT and LoRA run, in the order they run.
+
+    MetricsRecorder comes before TrainingGuard so that a non-finite step is recorded before the
+    guard stops the run; EarlyStop only when `<section>.early_stop_patience` > 0.
+    """
     import nemo_run as run
 
     from jacpt import callbacks
 
+    s = cfg.section(section)
+    out = [run.Config(callbacks.ParamCounter, path=str(run_dir / PARAMS_JSON), stage=section),
+           run.Config(callbacks.MetricsRecorder, path=str(run_dir / "metrics.jsonl")),
+           run.Config(callbacks.TrainingGuard, stage=section, lr=s["lr"], explode_factor=s["grad_explode_factor"])]
+    if s["early_stop_patience"] > 0:
+        out.append(run.Config(callbacks.EarlyStop, stage=section, patience=s["early_stop_patience"],
+                              min_delta=s["early_stop_min_delta"], max_steps=s["max_steps"]))
+    return out
+
+
+def _common(recipe, cfg: Config, section: str, run_dir: Path) -> None:
+    """Trainer, checkpointing, logging and CPU/no-TE settings shared by CPT and LoRA."""
     s = cfg.section(section)
     recipe.trainer.max_steps = s["max_steps"]
     recipe.trainer.val_check_interval = s["val_check_interval"]
     recipe.trainer.limit_val_batches = s["limit_val_batches"]
     recipe.trainer.limit_test_batches = 0
     recipe.trainer.num_sanity_val_steps = 0
-    recipe.trainer.log_every_n_steps = cfg["cpt.log_every_n_steps"]
+    recipe.trainer.log_every_n_steps = s["log_every_n_steps"]
     recipe.trainer.strategy.ckpt_async_save = False  # async saves leave -unfinished checkpoints (NeMo #14293)
-    recipe.trainer.callbacks = [c for c in (recipe.trainer.callbacks or [])] + [
-        run.Config(callbacks.MetricsRecorder, path=str(run_dir / "metrics.jsonl"))]
+    recipe.trainer.callbacks = list(recipe.trainer.callbacks or []) + hygiene_callbacks(cfg, section, run_dir)
 
     recipe.log.log_dir = str(run_dir)
     recipe.log.name = section
@@ -208,25 +227,65 @@ def last_checkpoint(run_dir: Path, stage: str) -> Path:
         raise StageError(f"no complete checkpoint under {ckdir}: the run did not save one; see its logs")
 
     def step(d: Path) -> tuple[int, int]:
-        import re
-
         m = re.search(r"step=(\d+)", d.name)
         return (int(m.group(1)) if m else -1, d.name.endswith("-last"))
 
     return max(cands, key=step)
 
 
-def read_metrics(run_dir: Path) -> dict:
-    """Summary of metrics.jsonl: steps, first/last train loss, last val loss."""
+def _metric_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train, validation) records of metrics.jsonl, in file order (a resumed run appends)."""
     path = run_dir / "metrics.jsonl"
     train, val = [], []
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
             rec = json.loads(line)
             (val if "val_loss" in rec else train).append(rec)
+    return train, val
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """Summary of metrics.jsonl: steps, first/last train loss, last val loss."""
+    train, val = _metric_records(run_dir)
     losses = [r["loss"] for r in train if r.get("loss") is not None]
     return {"steps_logged": len(train), "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "val_loss": val[-1]["val_loss"] if val else None}
+
+
+def checkpoint_step(ckpt: Path) -> int | None:
+    """Optimizer steps done when NeMo saved `ckpt`: its name's `step=N` is the 0-based index of the
+    last step (NeMo logs `step` before the step's update), so N + 1."""
+    m = re.search(r"step=(\d+)", ckpt.name)
+    return int(m.group(1)) + 1 if m else None
+
+
+def steps_done(run_dir: Path, ckpt: Path | None = None) -> int:
+    """Optimizer steps the run actually did: the last training record of metrics.jsonl (its `step`
+    is 1-based). It is below max_steps when early stopping ended the run. With `ckpt`, the
+    checkpoint must be of that same step: it is the one later stages consume."""
+    train, _ = _metric_records(run_dir)
+    from_metrics = int(train[-1]["step"]) if train else None
+    from_ckpt = checkpoint_step(ckpt) if ckpt is not None else None
+    if from_metrics is None and from_ckpt is None:
+        raise StageError(f"{run_dir / 'metrics.jsonl'} has no training step and no checkpoint names one: "
+                         "the run did not train; see its logs")
+    if from_metrics is not None and from_ckpt is not None and from_metrics != from_ckpt:
+        raise StageError(f"the last checkpoint {ckpt} was saved after step {from_ckpt} but the run ended at step "
+                         f"{from_metrics} ({run_dir / 'metrics.jsonl'}): it would hand on older weights than "
+                         "it trained. Delete the run dir and train again")
+    return from_metrics if from_metrics is not None else from_ckpt
+
+
+def read_params(run_dir: Path) -> dict:
+    """Trainable/total parameter counts from the run's params.json (written before the first step)."""
+    path = run_dir / PARAMS_JSON
+    if not path.is_file():
+        raise StageError(f"{path} is missing: no training step of this run wrote its parameter counts (a run "
+                         "begun by an older kit, or one that never trained); delete the run dir and train again")
+    p = json.loads(path.read_text(encoding="utf-8"))
+    return {"trainable_params": p["trainable"], "total_params": p["total"], "trainable_pct": p["trainable_pct"]}
 
 
 def env_for_child() -> dict[str, str]:

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import write_run
 
-from jacpt import config, report, runs, train
+from jacpt import config, metrics, report, runs, train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EVIL = "<script>alert('x')</script> & 東京"
@@ -40,16 +40,36 @@ def write_metrics(d: Path, n: int, first: float, gpu: bool) -> None:
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def eval_doc() -> dict:
+def eval_doc(answers: bool = True) -> dict:
+    """eval.json as `jacpt eval` writes it (format 2); answers=False: a format 1 run, perplexity only."""
     rows = [("base", "base", 3.0), ("cpt", "CPT", 2.5), ("lora", "LoRA", 2.4)]
-    return {"format": 1, "profile": "tiny-cpu", "device": "cpu", "dtype": "float32",
-            "settings": {"max_val_tokens": 300, "seq_length": 128},
-            "data": {"manifest": "/x/data_manifest.json", "manifest_sha256": SHA, "prefix": "/x/validation",
-                     "documents": 3, "tokens": 301, "input_fingerprint": SHA},
-            "models": [{"key": k, "label": lab, "path": f"/m/{k}", "run": "/r"} for k, lab, _ in rows],
-            "results": [{"key": k, "label": lab, "path": f"/m/{k}", "tokens": 300, "mean_nll": nll,
-                         "perplexity": math.exp(nll), "seconds": 1.5, "tokens_per_s": 200.0, "load_s": 0.3}
-                        for k, lab, nll in rows]}
+    doc = {"format": 1, "profile": "tiny-cpu", "device": "cpu", "dtype": "float32",
+           "settings": {"max_val_tokens": 300, "seq_length": 128},
+           "data": {"manifest": "/x/data_manifest.json", "manifest_sha256": SHA, "prefix": "/x/validation",
+                    "documents": 3, "tokens": 301, "input_fingerprint": SHA},
+           "models": [{"key": k, "label": lab, "path": f"/m/{k}", "run": "/r"} for k, lab, _ in rows],
+           "results": [{"key": k, "label": lab, "path": f"/m/{k}", "tokens": 300, "mean_nll": nll,
+                        "perplexity": math.exp(nll), "seconds": 1.5, "tokens_per_s": 200.0, "load_s": 0.3}
+                       for k, lab, nll in rows]}
+    if not answers:
+        return doc
+    doc["format"] = 2
+    doc["settings"].update(max_examples=2, max_new_tokens=32, batch_size=16, ja_threshold=0.5, repeat_unit=4,
+                           repeat_times=3)
+    doc["decoding"] = {"greedy": True, "template": "{input} {output}", "prompt": "p", "answer": "a", "min_kana": 1,
+                       "bleu": "nrefs:1|tok:char", "chrf": "nrefs:1|nc:6"}
+    doc["data"]["test"] = {"path": "/x/lora/test.jsonl", "sha256": SHA, "examples": 8, "used": 2}
+    for i, r in enumerate(doc["results"]):
+        r.update(examples=2, exact_match=0.5 * (i > 0), chrf=10.0 + 11 * i, bleu=5.0 + 7 * i, ja_rate=0.5 + 0.25 * i,
+                 repeat_rate=0.5 - 0.25 * i, mean_chars=40.0, new_tokens=64, generate_s=2.0, latency_s=1.0,
+                 gen_tokens_per_s=32.0)
+    doc["reference"] = {"examples": 2, "ja_rate": 1.0, "repeat_rate": 0.0, "mean_chars": 42.0}
+    answer = {"new_tokens": 32, "latency_s": 1.0, "chars": 5, "ja_share": 1.0, "kana": 3, "japanese": True,
+              "loop": None, "repeat": False, "exact": False, "chrf": 12.5, "bleu": 3.25}
+    doc["examples"] = [{"id": n, "input": f"Title: 題{n}\nContinuation:", "reference": f"参照{n}です。",
+                        "answers": {"base": {**answer, "text": "ランダム"}, "cpt": {**answer, "text": EVIL},
+                                    "lora": {**answer, "text": f"答え{n}\n二行目 | pipe"}}} for n in (1, 2)]
+    return doc
 
 
 def demo_doc() -> dict:
@@ -73,7 +93,8 @@ def export_complete() -> dict:
             "config_fixes": {"cpt": fixes, "lora": fixes}, "base_hf_dir": "/a/tiny-qwen2", "wandb": "offline"}
 
 
-def build(root: Path, eval_: bool = True, demo: bool = True, lora: bool = True, gpu: bool = True) -> dict:
+def build(root: Path, eval_: bool = True, demo: bool = True, lora: bool = True, gpu: bool = True,
+          eval_answers: bool = True) -> dict:
     out = {"cpt": make_run(root, "cpt", "20260101-000001", {"checkpoint": "cpt/ckpt", "steps": 20, "tokens": 20 * 256,
                                                              "first_loss": 11.9, "last_loss": 10.9, "val_loss": 11.1})}
     write_metrics(out["cpt"], 20, 11.9, gpu)
@@ -85,7 +106,7 @@ def build(root: Path, eval_: bool = True, demo: bool = True, lora: bool = True, 
     model_runs = {"base": "/r/import", "cpt": str(out["export"]), "lora": str(out["export"])}
     if eval_:
         out["eval"] = make_run(root, "eval", "20260101-000004", {"eval_json": "eval.json"}, model_runs)
-        (out["eval"] / "eval.json").write_text(json.dumps(eval_doc()), encoding="utf-8")
+        (out["eval"] / "eval.json").write_text(json.dumps(eval_doc(eval_answers)), encoding="utf-8")
     if demo:
         out["demo"] = make_run(root, "demo", "20260101-000005", {"demo_json": "demo.json"}, model_runs)
         (out["demo"] / "demo.json").write_text(json.dumps(demo_doc(), ensure_ascii=False), encoding="utf-8")
@@ -195,3 +216,41 @@ def test_dry_run_writes_no_report(kit, capsys):
     assert not list((kit / "tiny-cpu" / "report-dry-run").glob("report.*"))
     with pytest.raises(runs.RunError):
         runs.latest_complete("tiny-cpu", "report")
+
+
+def test_eval_table_and_answers(kit):
+    build(kit)
+    path = report.report_stage(cfg(), dry_run=False)
+    page = path.read_text(encoding="utf-8")
+    md = (path.parent / "report.md").read_text(encoding="utf-8")
+    header, rows = metrics.table(eval_doc())
+    assert header == ["metric", "base", "CPT", "LoRA", "reference"] and len(rows) == len(metrics.ROWS)
+    for row in rows:  # the same table as eval.md and the model cards, every cell
+        assert "| " + " | ".join(report._md(c) for c in row) + " |" in md
+        assert "".join(f'<td class="n">{report._e(c)}</td>' for c in row[1:]) in page
+    for line in metrics.definitions(eval_doc()):
+        assert report._e(line) in page and report._md(line) in md
+    assert "Answers on the LoRA test set" in page and "Answers on the LoRA test set" in md
+    assert "参照1です。" in page and "答え2<br>二行目 \\| pipe" in md
+    assert "chrF 12.5 · BLEU 3.2" in page and "Japanese · no loop · not exact" in page
+    assert "<script>" not in page and "perplexity only" not in page
+
+
+def test_a_perplexity_only_eval_still_shows_its_table(kit):
+    build(kit, eval_answers=False)
+    path = report.report_stage(cfg(), dry_run=False)
+    page = path.read_text(encoding="utf-8")
+    md = (path.parent / "report.md").read_text(encoding="utf-8")
+    for ppl in (math.exp(3.0), math.exp(2.5), math.exp(2.4)):
+        assert f"{ppl:.3f}" in page and f"{ppl:.3f}" in md
+    assert report.OLD_EVAL in page and report.OLD_EVAL in md and "Answers on the LoRA test set" not in page
+
+
+def test_hand_off_checksums_are_read_from_the_model_dirs(kit):
+    made = build(kit)
+    d = made["export"] / "hf" / "cpt"
+    d.mkdir(parents=True)
+    (d / "SHA256SUMS").write_text(f"{'ef' * 32}  README.md\n{'12' * 32}  model.safetensors\n", encoding="utf-8")
+    page = report.report_stage(cfg(), dry_run=False).read_text(encoding="utf-8")
+    assert "ef" * 32 in page and "12" * 32 in page  # cpt: as the directory says now (eval rewrote its card)
+    assert "cd" * 32 in page  # lora: no directory here, so COMPLETE.json's table

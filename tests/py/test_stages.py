@@ -123,6 +123,8 @@ def test_rerun_with_same_inputs_does_nothing(tiny_chain, chain_env):
 def test_dry_run_prints_recipe_and_launch_and_trains_nothing(tiny_chain, chain_env):
     proc = run_kit(["cpt", "--dry-run", "cpt.max_steps=3"], chain_env)
     assert "_target_: nemo.collections.llm.gpt.data.pre_training.PreTrainingDataModule" in proc.stdout
+    for cls in ("ParamCounter", "MetricsRecorder", "TrainingGuard"):  # the training-hygiene callbacks
+        assert f"_target_: jacpt.callbacks.{cls}" in proc.stdout
     assert "# launch:" in proc.stdout and "fdl_runner" in proc.stdout
     dry = Path(proc.stdout.strip().splitlines()[-1])
     assert dry.name == "recipe.yaml" and dry.parent.name == "cpt-dry-run"
