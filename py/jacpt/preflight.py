@@ -2,8 +2,9 @@
 
 Every line is `ok|warn|FAIL  <what>  <detail>`; a FAIL's detail names the fix. It imports
 nothing heavy (no nemo.collections.llm): versions come from package metadata, GPUs from
-torch.cuda and nvidia-smi. The memory and time figures are estimates from the formulas
-below, not measurements, except the one H100 throughput they start from (NEMO_NOTES.md).
+torch.cuda and nvidia-smi. The memory and time figures are estimates from formulas fitted to
+`make bench` on an H100 without Transformer Engine (BENCHMARKS.md); other GPUs are scaled by
+their bf16 peak and labelled as estimates.
 """
 
 from __future__ import annotations
@@ -28,24 +29,29 @@ MB = 1e6
 QWEN25_05B_PARAMS = 494_032_768
 TINY_PARAMS = 9_798_208
 
-# CPT state per parameter, distributed optimizer off: bf16 weights 2 + fp32 main params 4 + Adam m 4 + v 4
-# = 14 bytes, rounded up to 16 for the bf16 grads/buffers. A saved checkpoint carries the same state.
-CPT_BYTES_PER_PARAM = 16
-LORA_BYTES_PER_PARAM = 2  # frozen bf16 weights; the adapters are small
+# Memory and throughput of Qwen2.5-0.5B (tied), seq 2048, bf16, one H100 without Transformer Engine, the
+# kit's own path (SDPA attention, fused AdamW): `make bench`, BENCHMARKS.md and
+# bench/results/2026-11-22-nvidia-h100-80gb-hbm3.json. Peak allocated memory was 29.6 / 50.9 GiB at
+# micro-batch 4 / 8: 8.39 GiB + 5.31 GiB per sample. The constant is the training state, 18 bytes per
+# parameter (bf16 weights 2 + fp32 main weights 4 + Adam m and v 8 + the fp32 gradient buffer 4, distributed
+# optimizer off); the slope is 2.78 MB per token, over half of it the 151,936-wide logits and their fp32
+# softmax. A saved checkpoint carries the state without the gradient buffer.
+CPT_BYTES_PER_PARAM = 18
+CKPT_BYTES_PER_PARAM = 16  # weights, main weights and Adam moments (14), rounded up for metadata and slack
+LORA_BYTES_PER_PARAM = 2  # frozen bf16 weights; the adapters and their state are ~1% of that
 EXPORT_BYTES_PER_PARAM = 2 * 2  # two HF exports (CPT, LoRA-merged) in bf16
-# Activations of Qwen2.5-0.5B without recompute, NEMO_NOTES.md "Memory on one GPU": ~3.4 MB/token at seq 2048,
-# ~2 MB of it logits + loss. Kept flat per token at every seq_length (attention's share grows with seq, so
-# this under-counts long sequences a little and over-counts short ones) and applied to the tiny model too
-# (same 151,936 vocabulary, so the logits part is similar; the rest over-counts).
-ACT_BYTES_PER_TOKEN = 3.4 * MB
-CUDA_CONTEXT_BYTES = 2 * GB
+ACT_BYTES_PER_TOKEN = 2.8 * MB  # flat per token (2.78 measured); attention's share is small with flash attention
+CUDA_CONTEXT_BYTES = 2 * GB  # CUDA context, cuBLAS workspaces and allocator slack, not in the peak above
 
-# The one measured throughput: NEMO_NOTES.md "GPU without Transformer Engine", NeMo without TE, Qwen2.5-0.5B
-# shape, bf16, micro-batch 4, seq 2048, one H100. Other GPUs scale by dense bf16 peak (an estimate).
-MEASURED_TOKENS_PER_S = 25_960
+# Tokens/s measured at each CPT micro-batch (same run); between them the rate is interpolated, below them
+# proportional, past them the largest. Other GPUs scale by dense bf16 peak (an estimate, and labelled so).
+# LoRA ran at 0.76x CPT's rate at micro-batch 4 (NeMo's adapters add kernels on the full base backward).
+MEASURED_TOKENS_PER_S = {4: 47_226, 8: 64_377}
+MEASURED_LORA_FACTOR = 0.76
 MEASURED_PEAK = 989e12
-MEASURED_SOURCE = "measured on an H100 (NEMO_NOTES.md: NeMo without TE, mbs 4, seq 2048)"
-BF16_PEAK = (("H100", 989e12), ("H200", 989e12), ("RTX 6000 Ada", 364e12), ("L40S", 362e12), ("A100", 312e12))
+MEASURED_SOURCE = "measured on an H100 without TE (make bench, BENCHMARKS.md)"
+BF16_PEAK = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("RTX 6000 Ada", 364e12),
+             ("L40S", 362e12), ("A100", 312e12))
 
 # ja_wiki from llm-jp: ~3 GB download + ~2 GB of tokens for all 15 files (14 train shards + validation_0).
 LLMJP_BYTES_ALL = 5 * GB
@@ -192,13 +198,24 @@ def largest_fitting_mbs(params: int, seq_length: int, vram_bytes: float, samples
     return best
 
 
-def tokens_per_s(gpu_name: str) -> tuple[float | None, str]:
-    """(tokens/s on one GPU of this kind, label); None when there is no figure for it."""
+def measured_rate(mbs: int) -> float:
+    """CPT tokens/s on the measured H100 at this micro-batch (interpolated between measured ones)."""
+    pts = sorted(MEASURED_TOKENS_PER_S.items())
+    if mbs <= pts[0][0]:
+        return pts[0][1] * mbs / pts[0][0]  # below the smallest: proportional (launch-bound)
+    for (m0, t0), (m1, t1) in zip(pts, pts[1:]):
+        if mbs <= m1:
+            return t0 + (t1 - t0) * (mbs - m0) / (m1 - m0)
+    return pts[-1][1]
+
+
+def tokens_per_s(gpu_name: str, mbs: int = 4) -> tuple[float | None, str]:
+    """(CPT tokens/s on one GPU of this kind at this micro-batch, label); None when there is no figure for it."""
     for key, peak in BF16_PEAK:
         if key.lower() in gpu_name.lower():
-            tps = MEASURED_TOKENS_PER_S * peak / MEASURED_PEAK
+            tps = measured_rate(mbs) * peak / MEASURED_PEAK
             if key == "H100":
-                return tps, MEASURED_SOURCE
+                return tps, MEASURED_SOURCE + ("" if mbs in MEASURED_TOKENS_PER_S else ", interpolated")
             return tps, f"estimate: the H100 figure x {peak / 1e12:.0f}/{MEASURED_PEAK / 1e12:.0f} TFLOPS bf16 peak"
     return None, "no estimate (no measured or peak figure for this GPU)"
 
@@ -221,7 +238,7 @@ def data_need_bytes(cfg: Config) -> int:
 
 def runs_need_bytes(cfg: Config) -> int:
     p = model_params(cfg)
-    return (1 + cfg["cpt.save_top_k"]) * CPT_BYTES_PER_PARAM * p + EXPORT_BYTES_PER_PARAM * p
+    return (1 + cfg["cpt.save_top_k"]) * CKPT_BYTES_PER_PARAM * p + EXPORT_BYTES_PER_PARAM * p
 
 
 def _gb(b: float) -> str:
@@ -315,15 +332,19 @@ def _check_memory_and_time(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
     if not gpus:
         r.add("warn", "time", "no estimate without a GPU")
         return
-    tps, label = tokens_per_s(min(gpus, key=lambda g: g.vram_bytes).name)
+    tps, label = tokens_per_s(min(gpus, key=lambda g: g.vram_bytes).name, mbs)
     if tps is None:
         r.add("warn", "time", label)
         return
     tps *= cfg["launch.gpus"] * cfg["launch.nodes"]  # data parallel, assumed linear
+    lora_tps = MEASURED_LORA_FACTOR * tokens_per_s(min(gpus, key=lambda g: g.vram_bytes).name,
+                                                   cfg["lora.micro_batch_size"])[0]
+    lora_tps *= cfg["launch.gpus"] * cfg["launch.nodes"]
     est.update(tokens_per_s=tps, tokens_per_s_source=label, cpt_seconds=cpt_tokens / tps,
-               lora_seconds=lora_tokens / tps)
+               lora_tokens_per_s=lora_tps, lora_seconds=lora_tokens / lora_tps)
     r.add("ok", "time", f"CPT ~{_duration(cpt_tokens / tps)} ({cpt_tokens:,} tokens at {tps:,.0f} tokens/s, "
-                        f"{label}); LoRA ~{_duration(lora_tokens / tps)} at the same rate (rough)")
+                        f"{label}); LoRA ~{_duration(lora_tokens / lora_tps)} at {lora_tps:,.0f} tokens/s "
+                        "(excluding start-up, validation and checkpoints)")
 
 
 def _check_disk(r: Report, cfg: Config) -> None:

@@ -1,0 +1,122 @@
+"""`jacpt bench`: its arithmetic, its plan and its tables (the measurements themselves need a GPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from jacpt import bench, paths
+from jacpt.cli import cli
+
+RESULTS = paths.KIT_ROOT / "bench" / "results"
+
+
+def test_non_embedding_params_match_transformers_count():
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    s = bench.SHAPE
+    cfg = Qwen2Config(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                      num_key_value_heads=s["groups"], tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    total = sum(p.numel() for p in model.parameters())  # tied: the embedding counted once
+    assert total == 494_032_768
+    assert bench.non_embedding_params() == total - s["vocab"] * s["hidden"] == 357_898_112
+
+
+def test_flops_per_token_is_the_stated_formula():
+    assert bench.flops_per_token(2048) == 6 * 357_898_112 + 6 * 151_936 * 896 + 12 * 24 * 896 * 2048
+    assert bench.flops_per_token(2048) == pytest.approx(3.49e9, rel=2e-3)
+    assert bench.mfu(66_754, 989.0) == pytest.approx(66_754 * 3.4927e9 / 989e12, rel=1e-4)
+    assert bench.mfu(None, 989.0) is None and bench.mfu(1000.0, None) is None
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA RTX 6000 Ada Generation", 364.2),
+                                        ("NVIDIA L40S", 362.1), ("NVIDIA L40", 181.0), ("Tesla T4", None)])
+def test_peak_lookup_by_gpu_name(name, peak):
+    assert bench.peak_tflops(name) == peak
+
+
+def test_summarize_takes_the_median_after_the_warmup():
+    times = [9.0, 9.0] + [0.2, 0.1, 0.3, 0.25, 0.15]
+    s = bench.summarize(times, tokens_per_step=4096, warmup=2)
+    assert s["steps_timed"] == 5 and s["step_s"] == 0.2 and s["tokens_per_s"] == 20480.0
+    assert s["step_s_min"] == 0.1 and s["step_s_max"] == 0.3
+    with pytest.raises(bench.BenchError, match="no timed steps"):
+        bench.summarize([1.0, 1.0], 10, warmup=2)
+
+
+def test_the_plan_prepares_first_and_measures_levers_at_one_micro_batch(tmp_path):
+    plan = bench.cases(["hf", "cpt"], [2, 4, 8], ["local", "kit"], steps=20, warmup=10, work=tmp_path,
+                       lora_mbs=4, hf_modes=["bf16"])
+    assert plan[0]["kind"] == "prep" and plan[0]["checkpoint"] is False  # no LoRA or generation: no import
+    names = [c["name"] for c in plan[1:]]
+    assert names == ["hf", "cpt-local-mbs4", "cpt-kit-mbs2", "cpt-kit-mbs4", "cpt-kit-mbs8"]
+    local = next(c for c in plan if c["name"] == "cpt-local-mbs4")
+    assert local["env"]["JACPT_NO_TE_ATTENTION"] == "local"
+    # enough documents of 4,096 tokens for every timed and warm-up step of the largest micro-batch
+    assert plan[0]["documents"] * 4096 >= (20 + 10) * 8 * 2048
+    full = bench.cases(["lora", "gen"], [4], ["kit"], 20, 10, tmp_path, 4, ["bf16"])
+    assert full[0]["checkpoint"] is True and [c["kind"] for c in full] == ["prep", "lora", "gen"]
+
+
+def test_the_committed_results_are_consistent_and_render():
+    """The JSON BENCHMARKS.md cites: its summary is what `collect` makes of its cases, and it renders."""
+    files = sorted(p for p in RESULTS.glob("*-nvidia-*.json") if "levers" not in p.name)
+    assert files, "no GPU benchmark results committed under bench/results"
+    for f in files:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+        for key in ("gpu", "te_present", "cpt_tokens_per_s", "cpt_mfu", "cpt_peak_mem_gib", "hf_tokens_per_s",
+                    "lora_tokens_per_s", "lora_peak_mem_gib", "gen_load_s", "gen_3x256_s"):
+            assert key in doc["summary"], (f.name, key)
+        assert doc["versions"]["nemo_toolkit"] and doc["versions"]["megatron_core"]
+        again = bench.collect(doc["cases"], doc["gpu"], doc["summary"]["peak_tflops"])
+        for key in ("cpt_tokens_per_s", "cpt_mfu", "hf_tokens_per_s", "lora_vs_cpt_speed", "gen_3x256_s"):
+            assert again[key] == doc["summary"][key], (f.name, key)
+        text = bench.render(doc)
+        assert "NeMo CPT [kit]" in text and "transformers [bf16]" in text and "MFU" in text
+
+
+def test_render_marks_an_out_of_memory_case():
+    doc = {"gpu": {"name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.2}, "data": None,
+           "cases": [{"case": "cpt-kit-mbs16", "kind": "cpt", "variant": "kit", "mbs": 16, "ok": False,
+                      "error": "OOM"},
+                     {"case": "cpt-kit-mbs4", "kind": "cpt", "variant": "kit", "mbs": 4, "ok": True,
+                      "tokens_per_s": 40000.0, "step_s": 0.2, "peak_mem_gib": 28.0, "params": 10, "trainable": 10}]}
+    doc["summary"] = bench.collect(doc["cases"], doc["gpu"], 989.0)
+    assert doc["summary"]["cpt_mbs"] == 4 and doc["summary"]["te_present"] in (True, False)
+    lines = bench.render(doc).splitlines()
+    assert any("16" in line and "OOM" in line for line in lines)
+    assert any(line.startswith("NeMo CPT [kit]") and "40,000" in line and "14.1%" in line for line in lines)
+
+
+def test_bench_without_a_gpu_says_so(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = CliRunner().invoke(cli, ["bench", "--only", "hf"])
+    assert r.exit_code == 1 and "needs a CUDA GPU" in r.output and "bench-data" in r.output
+
+
+def test_bench_rejects_unknown_parts():
+    r = CliRunner().invoke(cli, ["bench", "--only", "cpt,tpu"])
+    assert r.exit_code == 2 and "choose from hf, cpt, lora, gen" in r.output
+    r = CliRunner().invoke(cli, ["bench", "--mbs", "4,x"])
+    assert r.exit_code == 2 and "comma-separated integers" in r.output
+    assert set(bench.LEVERS) == {"kit", "local", "sdpa", "sdpa+adamw", "sdpa+adamw+swiglu"}
+
+
+def test_benchmarks_md_cites_the_committed_figures():
+    text = (paths.KIT_ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    for f in RESULTS.glob("*-nvidia-*.json"):
+        assert f"bench/results/{f.name}" in text
+        doc = json.loads(f.read_text(encoding="utf-8"))
+        if "summary" in doc and doc["summary"].get("cpt_tokens_per_s"):
+            assert f"{doc['summary']['cpt_tokens_per_s']:,.0f}" in text
+    assert "make bench" in text
