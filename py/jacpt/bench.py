@@ -614,9 +614,31 @@ def latest_data_bench(results_dir: Path) -> dict | None:
             "reference_mb_s": ref.get("mb_per_s")}
 
 
+def plan_text(plan: list[dict], peak: float | None) -> str:
+    """The cases a run would measure, one line each (`--dry-run`)."""
+    against = f"{peak:g} TFLOP/s" if peak else "the GPU's dense bf16 peak, looked up from its name"
+    lines = [f"{len(plan) - 1} case(s), each in its own process, after a preparation step; seq {SEQ}, bf16; "
+             f"MFU against {against}"]
+    for c in plan:
+        what = {"prep": f"random token data ({c.get('documents', 0) * 4096:,} tokens)"
+                        + ("; random Qwen2.5-0.5B-shaped HF model imported to NeMo" if c.get("checkpoint") else ""),
+                "hf": f"transformers {', '.join(c.get('modes', []))} at micro-batch "
+                      f"{', '.join(map(str, c.get('mbs_list', [])))}",
+                "cpt": f"NeMo CPT [{c.get('variant')}] micro-batch {c.get('mbs')}",
+                "lora": f"NeMo LoRA micro-batch {c.get('mbs')}",
+                "gen": "generation: NeMo (batched and one at a time) and transformers, 3 prompts x 256 tokens"}[c["kind"]]
+        extra = " ".join(f"{k}={v}" for k, v in {**c.get("env", {}), **c.get("model", {})}.items())
+        steps = f"; {c['warmup']} + {c['steps']} steps" if c["kind"] in ("cpt", "lora", "hf") else ""
+        lines.append(f"  {c['name']:<28} {what}{steps}{'; ' + extra if extra else ''}")
+    return "\n".join(lines)
+
+
 def main(only: list[str], mbs: list[int], variants: list[str], steps: int, warmup: int, out_dir: Path,
          peak: float | None, lora_mbs: int, hf_modes: list[str], timeout: int, command: str,
-         merge: bool = False, work: Path | None = None) -> Path:
+         merge: bool = False, work: Path | None = None, dry_run: bool = False) -> Path | None:
+    if dry_run:  # no GPU needed, nothing written
+        print(plan_text(cases(only, mbs, variants, steps, warmup, Path("<work>"), lora_mbs, hf_modes), peak))
+        return None
     gpu = gpu_info()
     peak = peak or peak_tflops(gpu["name"])
     if peak is None:

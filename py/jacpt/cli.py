@@ -243,7 +243,9 @@ def _choice_list(choices):
               help="where the JSON of figures goes (relative to the kit root)")
 @click.option("--merge", is_flag=True,
               help="keep the cases of today's JSON for this GPU that this run does not measure again")
-def bench(only, mbs, variants, lever_mbs, hf_modes, steps, warmup, peak_tflops, timeout, out_dir, merge):
+@click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
+              help="list the cases it would measure; no GPU needed, nothing written; exit 0")
+def bench(only, mbs, variants, lever_mbs, hf_modes, steps, warmup, peak_tflops, timeout, out_dir, merge, dry_run):
     """GPU throughput: NeMo CPT and LoRA vs plain transformers vs the GPU's peak; generation speed."""
     from jacpt import bench as bench_mod, paths
 
@@ -252,7 +254,7 @@ def bench(only, mbs, variants, lever_mbs, hf_modes, steps, warmup, peak_tflops, 
     try:
         bench_mod.main(only=only, mbs=mbs, variants=variants, steps=steps, warmup=warmup, out_dir=out,
                        peak=peak_tflops, lora_mbs=lever_mbs, hf_modes=hf_modes, timeout=timeout, command=command,
-                       merge=merge)
+                       merge=merge, dry_run=dry_run)
     except bench_mod.BenchError as e:
         raise click.ClickException(str(e)) from None
 

@@ -119,3 +119,21 @@ def test_benchmarks_md_cites_the_committed_figures():
         if "summary" in doc and doc["summary"].get("cpt_tokens_per_s"):
             assert f"{doc['summary']['cpt_tokens_per_s']:,.0f}" in text
     assert "make bench" in text
+
+
+def test_dry_run_lists_the_cases_without_a_gpu(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["bench", "--dry-run", "--only", "cpt,lora", "--variants", "local,kit", "--mbs", "4,8"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].startswith("4 case(s)")
+    assert any("cpt-local-mbs4" in x and "JACPT_NO_TE_ATTENTION=local" in x for x in lines)
+    assert any("cpt-kit-mbs8" in x and "10 + 20 steps" in x for x in lines)
+    assert any(x.strip().startswith("prep") and "imported to NeMo" in x for x in lines)  # LoRA needs a checkpoint
+    assert not any(tmp_path.iterdir()) and not list(RESULTS.glob("*-cpu*.json"))
+    # `make bench DRY_RUN=1` reaches it through the environment
+    r = CliRunner().invoke(cli, ["bench", "--only", "hf"], env={"DRY_RUN": "1"})
+    assert r.exit_code == 0 and "transformers bf16, amp at micro-batch 2, 4, 8" in r.output
