@@ -32,16 +32,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
-from jacpt import log, paths
+from jacpt import log, paths, runs
 from jacpt.fsutil import write_json_atomic, write_text_atomic
 
 SCHEMA = 1
@@ -53,17 +51,14 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
                ("B200", 2250.0), ("A100", 312.0), ("RTX 6000 Ada", 364.2), ("L40S", 362.1), ("L40", 181.0),
                ("RTX A6000", 154.8), ("L4", 121.0), ("RTX 4090", 165.2), ("A10", 125.0))
 LEVERS = {
-    # name: (environment of the case, model-config overrides). "kit" is what `make cpt` runs.
+    # name: (environment of the case, model-config overrides). "kit" is what `make cpt` runs: SDPA + fused AdamW.
     "local": ({"JACPT_NO_TE_ATTENTION": "local", "JACPT_NO_TE_ADAMW": "foreach"}, {"bias_activation_fusion": False}),
     "sdpa": ({"JACPT_NO_TE_ATTENTION": "sdpa", "JACPT_NO_TE_ADAMW": "foreach"}, {"bias_activation_fusion": False}),
-    "sdpa+adamw": ({"JACPT_NO_TE_ATTENTION": "sdpa", "JACPT_NO_TE_ADAMW": "fused"},
-                   {"bias_activation_fusion": False}),
     "sdpa+adamw+swiglu": ({"JACPT_NO_TE_ATTENTION": "sdpa", "JACPT_NO_TE_ADAMW": "fused"},
                           {"bias_activation_fusion": True}),
     "kit": ({}, {}),
 }
 GEN_PROMPTS = ("日本の首都は", "富士山について説明してください。", "機械学習とは")
-PACKAGES = ("torch", "nemo_toolkit", "megatron_core", "nemo_run", "lightning", "transformers", "transformer_engine")
 
 
 class BenchError(Exception):
@@ -88,11 +83,13 @@ def flops_per_token(seq: int = SEQ, s: dict = SHAPE) -> float:
 FLOPS_FORMULA = "6*N + 6*V*h + 12*L*h*s, N=357,898,112 non-embedding params, V=151,936, h=896, L=24"
 
 
+def gpu_key(name: str) -> str | None:
+    """The PEAK_TFLOPS entry a GPU name matches ("NVIDIA H100 80GB HBM3" -> "H100"), or None."""
+    return next((key for key, _ in PEAK_TFLOPS if key.lower() in name.lower()), None)
+
+
 def peak_tflops(name: str) -> float | None:
-    for key, tf in PEAK_TFLOPS:
-        if key.lower() in name.lower():
-            return tf
-    return None
+    return dict(PEAK_TFLOPS).get(gpu_key(name))
 
 
 def mfu(tokens_per_s: float | None, peak: float | None, seq: int = SEQ) -> float | None:
@@ -113,58 +110,52 @@ def summarize(step_times: list[float], tokens_per_step: int, warmup: int) -> dic
 
 # ----------------------------------------------------------------------------- worker side
 
-class StepTimer:
-    """Lightning callback (built lazily: no Lightning import at module level) recording step wall times."""
+def step_timer(out: str, tokens_per_step: int, warmup: int):
+    """A Lightning callback recording step wall times, built here so this module imports no Lightning."""
+    import lightning.pytorch as pl
+    import torch
 
-    @staticmethod
-    def make(out: str, tokens_per_step: int, warmup: int):
-        import lightning.pytorch as pl
-        import torch
+    class StepTimer(pl.Callback):
+        def __init__(self):
+            self.ends, self.losses = [], []
 
-        class _Timer(pl.Callback):
-            def __init__(self):
-                self.ends, self.losses = [], []
+        def on_train_start(self, trainer, pl_module):
+            torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
 
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                torch.cuda.synchronize()
-                self.ends.append(time.perf_counter())
-                try:
-                    self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
-                except (TypeError, ValueError, KeyError):
-                    pass
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+            try:
+                self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+            except (TypeError, ValueError, KeyError):
+                pass
 
-            def on_train_start(self, trainer, pl_module):
-                torch.cuda.synchronize()
-                self.ends.append(time.perf_counter())
+        def on_train_end(self, trainer, pl_module):
+            # Counted at the end: NeMo's PEFT transform freezes the base after on_train_start.
+            n = sum(p.numel() for p in pl_module.parameters())
+            t = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            times = [b - a for a, b in zip(self.ends, self.ends[1:])]
+            rec = {**summarize(times, tokens_per_step, warmup), "params": n, "trainable": t,
+                   "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                   "loss_first": self.losses[0] if self.losses else None,
+                   "loss_last": self.losses[-1] if self.losses else None}
+            Path(out).write_text(json.dumps(rec), encoding="utf-8")
 
-            def on_train_end(self, trainer, pl_module):
-                # Counted at the end: NeMo's PEFT transform freezes the base after on_train_start.
-                n = sum(p.numel() for p in pl_module.parameters())
-                t = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-                times = [b - a for a, b in zip(self.ends, self.ends[1:])]
-                rec = {**summarize(times, tokens_per_step, warmup), "params": n, "trainable": t,
-                       "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                       "loss_first": self.losses[0] if self.losses else None,
-                       "loss_last": self.losses[-1] if self.losses else None}
-                Path(out).write_text(json.dumps(rec), encoding="utf-8")
-
-        return _Timer()
+    return StepTimer()
 
 
-def _model_config(overrides: dict, tied: bool = True):
-    import nemo_run as run
+def _model_config(overrides: dict):
+    """The kit's model config (train.config_of: architecture fields and the no-TE overrides) of
+    Qwen2.5-0.5B, tied as the kit trains it, at the benchmark's sequence length; plus the case's levers."""
     from nemo.collections import llm
 
-    from jacpt import nemo_compat
+    from jacpt.train import config_of
 
-    base = llm.Qwen25Config500M()
-    from jacpt.train import ARCH_FIELDS
-
-    fields = {f: getattr(base, f) for f in ARCH_FIELDS if getattr(base, f, None) is not None}
-    fields.update(seq_length=SEQ, share_embeddings_and_output_weights=tied)
-    fields.update(nemo_compat.no_te_model_overrides())
-    fields.update(overrides)
-    return run.Config(llm.Qwen2Config, **fields)
+    cfg = config_of(llm.Qwen25Config500M(seq_length=SEQ, share_embeddings_and_output_weights=True))
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
 
 
 def _data(work: Path, mbs: int):
@@ -196,17 +187,13 @@ def _trim(recipe, case: dict, out: Path) -> None:
     recipe.trainer.enable_checkpointing = False
     recipe.trainer.strategy.ckpt_async_save = False
     recipe.trainer.callbacks = list(recipe.trainer.callbacks or []) + [
-        run.Config(_TimerFactory, out=str(out), tokens_per_step=case["mbs"] * SEQ, warmup=case["warmup"])]
+        run.Config(step_timer, out=str(out), tokens_per_step=case["mbs"] * SEQ, warmup=case["warmup"])]
     recipe.log.ckpt = None
     recipe.log.tensorboard = None
     recipe.log.wandb = None
     recipe.log.log_dir = str(Path(case["work"]) / "logs" / case["name"])
     for k, v in nemo_compat.no_te_optimizer_overrides().items():
         setattr(recipe.optim.config, k, v)
-
-
-def _TimerFactory(out: str, tokens_per_step: int, warmup: int):  # noqa: N802  (a class stand-in for fiddle)
-    return StepTimer.make(out, tokens_per_step, warmup)
 
 
 def run_cpt(case: dict) -> dict:
@@ -258,15 +245,23 @@ def run_lora(case: dict) -> dict:
     return json.loads(out.read_text(encoding="utf-8"))
 
 
+def hf_config(**kw):
+    """transformers' Qwen2Config of the Qwen2.5-0.5B shape (tied; eos = Qwen's <|endoftext|>)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["ffn"],
+                       num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
+                       num_key_value_heads=SHAPE["groups"], max_position_embeddings=32768, rms_norm_eps=1e-6,
+                       rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=False, bos_token_id=151643,
+                       eos_token_id=151643, **kw)
+
+
 def run_hf(case: dict) -> dict:
     """Plain transformers, same shape, batch and sequence; one process, every micro-batch in turn."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM
 
-    cfg = Qwen2Config(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["ffn"],
-                      num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
-                      num_key_value_heads=SHAPE["groups"], max_position_embeddings=32768, rms_norm_eps=1e-6,
-                      rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=False)
+    cfg = hf_config()
     results = {}
     for mode in case["modes"]:
         for mbs in case["mbs_list"]:
@@ -310,7 +305,7 @@ def run_prep(case: dict) -> dict:
     import numpy as np
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     work = Path(case["work"])
     rng = np.random.default_rng(1234)
@@ -325,12 +320,7 @@ def run_prep(case: dict) -> dict:
 
     hf = work / "hf"
     torch.manual_seed(1234)
-    cfg = Qwen2Config(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["ffn"],
-                      num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
-                      num_key_value_heads=SHAPE["groups"], max_position_embeddings=32768, rms_norm_eps=1e-6,
-                      rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=False, bos_token_id=151643,
-                      eos_token_id=151643, torch_dtype="bfloat16")
-    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(hf_config(torch_dtype="bfloat16")).to(torch.bfloat16)
     model.save_pretrained(str(hf), safe_serialization=True)
     GenerationConfig(bos_token_id=151643, eos_token_id=151643, pad_token_id=151643).save_pretrained(str(hf))
     tok = paths.assets_dir() / "tokenizer"
@@ -411,7 +401,7 @@ def worker_main(case_json: str) -> int:
     os.environ.update(env_overrides)
     from jacpt import nemo_compat
 
-    if case["kind"] != "hf":
+    if case["kind"] in ("cpt", "lora", "gen"):  # prep applies it itself, only when it imports a checkpoint
         nemo_compat.apply()
     t0 = time.perf_counter()
     try:
@@ -441,25 +431,6 @@ def gpu_info() -> dict:
     p = torch.cuda.get_device_properties(0)
     return {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}",
             "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            try:
-                out[pkg] = metadata.version(pkg)
-            except metadata.PackageNotFoundError:
-                out[pkg] = None
-    try:
-        import transformer_engine  # noqa: F401
-
-        out["transformer_engine"] = out["transformer_engine"] or "present"
-    except ImportError:
-        pass
-    return out
 
 
 def cases(only: list[str], mbs: list[int], variants: list[str], steps: int, warmup: int, work: Path,
@@ -509,7 +480,7 @@ def run_case(case: dict, timeout: int) -> dict:
     return rec
 
 
-def collect(recs: list[dict], gpu: dict, peak: float | None) -> dict:
+def collect(recs: list[dict], gpu: dict, peak: float | None, te_present: bool) -> dict:
     """The summary fields of the results JSON (the issue's names) from the case records."""
     by = {r["case"]: r for r in recs}
     cpt = {r["mbs"]: r for r in recs if r["kind"] == "cpt" and r.get("variant") == "kit" and r.get("ok")}
@@ -522,7 +493,7 @@ def collect(recs: list[dict], gpu: dict, peak: float | None) -> dict:
     gen = by.get("gen") if by.get("gen", {}).get("ok") else None
     hf_best = max(hf_same.values(), key=lambda r: r["tokens_per_s"], default=None)
     return {
-        "gpu": gpu["name"], "te_present": versions().get("transformer_engine") is not None,
+        "gpu": gpu["name"], "te_present": te_present,
         "peak_tflops": peak, "flops_per_token": flops_per_token(), "flops_formula": FLOPS_FORMULA,
         "cpt_mbs": best["mbs"] if best else None,
         "cpt_tokens_per_s": best["tokens_per_s"] if best else None,
@@ -668,10 +639,10 @@ def main(only: list[str], mbs: list[int], variants: list[str], steps: int, warmu
     doc = {"schema": SCHEMA, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
            "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "command": command,
-           "gpu": gpu, "versions": versions(), "settings": {"seq": SEQ, "steps": steps, "warmup": warmup,
+           "gpu": gpu, "versions": runs.versions(), "settings": {"seq": SEQ, "steps": steps, "warmup": warmup,
                                                             "mbs": mbs, "variants": variants, "lora_mbs": lora_mbs},
            "cases": recs, "data": latest_data_bench(out_dir), "wall_s": round(time.perf_counter() - t0, 1)}
-    doc["summary"] = collect(recs, gpu, peak)
+    doc["summary"] = collect(recs, gpu, peak, te_present="transformer-engine" in doc["versions"])
     text = render(doc)
     print(text, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,7 @@ def count_params(named_params) -> dict:
 
 
 _OWN_NORM = "_jacpt_computes_grad_norm"  # set on a module once its grad norm had to be computed here
+_STEP_NORM = "_jacpt_grad_norm_of_step"  # on the trainer: (global_step, result) of the last grad_norm_of call
 
 
 def grad_norm_of(trainer, pl_module) -> tuple[float | None, str]:
@@ -113,6 +114,17 @@ def grad_norm_of(trainer, pl_module) -> tuple[float | None, str]:
     Once a run's norm had to be computed, it is computed every step: the value TrainingGuard then
     logs as `grad_norm` stays in `callback_metrics` and would otherwise be read back, a step late.
     """
+    step = getattr(trainer, "global_step", None)
+    cached = getattr(trainer, _STEP_NORM, None)
+    if cached is not None and step is not None and cached[0] == step:
+        return cached[1]  # MetricsRecorder and TrainingGuard both ask at the end of each step: once is enough
+    out = _grad_norm(trainer, pl_module)
+    if step is not None:
+        setattr(trainer, _STEP_NORM, (step, out))
+    return out
+
+
+def _grad_norm(trainer, pl_module) -> tuple[float | None, str]:
     m = getattr(trainer, "callback_metrics", None) or {}
     if "grad_norm" in m and not getattr(pl_module, _OWN_NORM, False):
         return float(m["grad_norm"]), "megatron"

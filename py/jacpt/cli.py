@@ -203,6 +203,12 @@ def bench_data(mb, out_dir):
     bench_mod.main(mb=mb, out_dir=out_dir)
 
 
+def bench_levers() -> dict:
+    from jacpt.bench import LEVERS  # light: the benchmark imports its heavy parts in its worker processes
+
+    return LEVERS
+
+
 def _int_list(ctx, param, value: str) -> list[int]:
     try:
         out = [int(x) for x in value.split(",") if x.strip()]
@@ -228,9 +234,10 @@ def _choice_list(choices):
               help="what to measure (comma-separated)")
 @click.option("--mbs", default="2,4,8", callback=_int_list, help="CPT micro-batches (seq 2048)")
 @click.option("--variants", default="kit",
-              callback=_choice_list(("kit", "local", "sdpa", "sdpa+adamw", "sdpa+adamw+swiglu")),
-              help="CPT set-ups without Transformer Engine: kit (what make cpt runs) at every --mbs; the levers "
-                   "(local = Megatron's stock attention, sdpa, +adamw = fused AdamW, +swiglu) at --lever-mbs")
+              callback=_choice_list(tuple(bench_levers())),
+              help="CPT set-ups without Transformer Engine: kit (what make cpt runs: SDPA + fused AdamW) at every "
+                   "--mbs; the levers (local = Megatron's stock attention and AdamW, sdpa = torch AdamW, "
+                   "sdpa+adamw+swiglu = the kit + SwiGLU fusion) at --lever-mbs")
 @click.option("--lever-mbs", default=4, type=click.IntRange(1), help="micro-batch of the lever variants and LoRA")
 @click.option("--hf-modes", default="bf16,amp", callback=_choice_list(("bf16", "amp")),
               help="transformers baseline: pure bf16 weights, and/or fp32 master weights + autocast")

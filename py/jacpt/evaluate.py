@@ -62,15 +62,18 @@ import textwrap
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from jacpt import log
 from jacpt import data as data_mod
 from jacpt import lora_data, metrics, runs
 from jacpt.config import Config
 from jacpt.fsutil import sha256_file, write_json_atomic, write_text_atomic
-from jacpt.generate import Answer, cuda_available, hf_models, load_hf, printable
+from jacpt.generate import Answer, cuda_available, generation_kwargs, hf_models, load_hf, printable
 from jacpt.train import StageError
+
+if TYPE_CHECKING:
+    import numpy
 
 FORMAT = 2
 # Tokens per forward pass (windows x seq_length) and per output-layer chunk. They bound memory: the
@@ -98,7 +101,7 @@ def dir_identity(d: Path) -> dict:
 
 # ----------------------------------------------------------------------------- tokens
 
-def token_windows(prefix: str | Path, seq_length: int, limit: int = 0) -> Iterator["numpy.ndarray"]:  # noqa: F821
+def token_windows(prefix: str | Path, seq_length: int, limit: int = 0) -> Iterator["numpy.ndarray"]:
     """int64 windows of at most seq_length + 1 tokens over the concatenated documents.
 
     Consecutive windows overlap by one token, so the windows predict every token after the first exactly
@@ -232,16 +235,13 @@ def generate_answers(model, tok, prompts: list[str], max_new_tokens: int, batch_
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # every row then continues right after its own last prompt token
-    gc = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
-                          bos_token_id=model.generation_config.bos_token_id,
-                          # the embedding's padded rows are no tokens (as in generate.HFGenerator)
-                          suppress_tokens=list(range(len(tok), model.config.vocab_size)) or None)
+    gc = GenerationConfig(do_sample=False, **generation_kwargs(model, tok, max_new_tokens))
     if prompts:
         # One untimed 2-token call first: the first generate pays for kernel loading and, on a GPU, cuBLAS
         # set-up (5.7 s against 0.1 s for the tiny model on an H100), which would land on the first model.
         with torch.inference_mode():
             model.generate(**tok(prompts[:1], return_tensors="pt", add_special_tokens=False).to(device),
-                           generation_config=GenerationConfig(**{**gc.to_dict(), "max_new_tokens": 2}))
+                           generation_config=GenerationConfig(do_sample=False, **generation_kwargs(model, tok, 2)))
         if device == "cuda":
             torch.cuda.synchronize()
     out: list[Answer] = []

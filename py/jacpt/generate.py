@@ -158,6 +158,15 @@ def load_hf(path: Path, device: str):
     return model, tok
 
 
+def generation_kwargs(model, tok, max_new_tokens: int) -> dict:
+    """GenerationConfig arguments every transformers generation of the kit shares: stop and pad at eos, and
+    never emit the embedding's padded rows (151,936 rows for 151,665 token ids: no tokens)."""
+    eos = tok.eos_token_id
+    return dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
+                bos_token_id=model.generation_config.bos_token_id,
+                suppress_tokens=list(range(len(tok), model.config.vocab_size)) or None)
+
+
 class HFGenerator:
     """transformers, one prompt at a time (true per-prompt latency); seeded per prompt, so an
     answer does not depend on which prompts came before it."""
@@ -174,10 +183,7 @@ class HFGenerator:
     def _config(self):
         from transformers import GenerationConfig
 
-        eos = self.tok.eos_token_id
-        kw = dict(max_new_tokens=self.s["max_new_tokens"], eos_token_id=eos, pad_token_id=eos,
-                  bos_token_id=self.model.generation_config.bos_token_id,
-                  suppress_tokens=list(range(len(self.tok), self.model.config.vocab_size)) or None)
+        kw = generation_kwargs(self.model, self.tok, self.s["max_new_tokens"])
         if self.s["greedy"]:
             return GenerationConfig(do_sample=False, **kw)
         # top_k=0: NeMo's rule (top-k or top-p, not both); top_p=0 means "off" there, 1.0 here.

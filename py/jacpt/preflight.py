@@ -50,8 +50,6 @@ MEASURED_TOKENS_PER_S = {4: 47_226, 8: 64_377}
 MEASURED_LORA_FACTOR = 0.76
 MEASURED_PEAK = 989e12
 MEASURED_SOURCE = "measured on an H100 without TE (make bench, BENCHMARKS.md)"
-BF16_PEAK = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("RTX 6000 Ada", 364e12),
-             ("L40S", 362e12), ("A100", 312e12))
 
 # ja_wiki from llm-jp: ~3 GB download + ~2 GB of tokens for all 15 files (14 train shards + validation_0).
 LLMJP_BYTES_ALL = 5 * GB
@@ -210,14 +208,18 @@ def measured_rate(mbs: int) -> float:
 
 
 def tokens_per_s(gpu_name: str, mbs: int = 4) -> tuple[float | None, str]:
-    """(CPT tokens/s on one GPU of this kind at this micro-batch, label); None when there is no figure for it."""
-    for key, peak in BF16_PEAK:
-        if key.lower() in gpu_name.lower():
-            tps = measured_rate(mbs) * peak / MEASURED_PEAK
-            if key == "H100":
-                return tps, MEASURED_SOURCE + ("" if mbs in MEASURED_TOKENS_PER_S else ", interpolated")
-            return tps, f"estimate: the H100 figure x {peak / 1e12:.0f}/{MEASURED_PEAK / 1e12:.0f} TFLOPS bf16 peak"
-    return None, "no estimate (no measured or peak figure for this GPU)"
+    """(CPT tokens/s on one GPU of this kind at this micro-batch, label); None when there is no figure for it.
+
+    Peaks are the benchmark's table (jacpt.bench.PEAK_TFLOPS, dense bf16)."""
+    from jacpt import bench
+
+    peak = bench.peak_tflops(gpu_name)
+    if peak is None:
+        return None, "no estimate (no measured or peak figure for this GPU)"
+    tps = measured_rate(mbs) * peak * 1e12 / MEASURED_PEAK
+    if bench.gpu_key(gpu_name) == "H100":  # the measured card (SXM)
+        return tps, MEASURED_SOURCE + ("" if mbs in MEASURED_TOKENS_PER_S else ", interpolated")
+    return tps, f"estimate: the H100 figure x {peak:g}/{MEASURED_PEAK / 1e12:.0f} TFLOPS bf16 peak"
 
 
 def data_need_bytes(cfg: Config) -> int:

@@ -306,6 +306,19 @@ def _e(s) -> str:
     return html.escape(clean(s), quote=True)
 
 
+def _gen_cell(text: str, stats: str | None = None) -> str:
+    extra = f'\n<span class="stats">[{_e(stats)}]</span>' if stats is not None else ""
+    return f'<td class="gen" lang="ja">{_e(text)}{extra}</td>'
+
+
+def _answers_table(lead: list[str], models: list[dict], stats, rows: list[tuple[list[str], dict]]) -> str:
+    """Answers side by side: the lead cells of each row, then each model's answer with its stats."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in lead + [m["label"] for m in models])
+    body = "".join("<tr>" + "".join(cells) + "".join(_gen_cell(answers[m["key"]]["text"], stats(answers[m["key"]]))
+                                                     for m in models) + "</tr>" for cells, answers in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset(), mono: set[int] = frozenset(),
            ) -> str:
     def td(i: int, c: str) -> str:
@@ -356,18 +369,10 @@ def render_html(doc: dict) -> str:
         out.append(_table(EVAL_HEADER, eval_rows(ev), numeric={1, 2, 3, 4, 5}))
         if ev.get("examples"):
             out.append("<h3>Answers on the LoRA test set</h3>")
-            models = ev["models"]
-            head = "".join(f"<th>{_e(h)}</th>" for h in ["id", "prompt", "reference"] + [m["label"] for m in models])
-            rows = []
-            for ex in ev["examples"]:
-                cells = [f'<td class="n">{_e(ex["id"])}</td>', f'<td class="gen" lang="ja">{_e(ex["input"])}</td>',
-                         f'<td class="gen" lang="ja">{_e(ex["reference"])}</td>']
-                for m in models:
-                    a = ex["answers"][m["key"]]
-                    cells.append(f'<td class="gen" lang="ja">{_e(a["text"])}\n'
-                                 f'<span class="stats">[{_e(eval_answer_stats(a))}]</span></td>')
-                rows.append("<tr>" + "".join(cells) + "</tr>")
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+            out.append(_answers_table(
+                ["id", "prompt", "reference"], ev["models"], eval_answer_stats,
+                [([f'<td class="n">{_e(ex["id"])}</td>', _gen_cell(ex["input"]), _gen_cell(ex["reference"])],
+                  ex["answers"]) for ex in ev["examples"]]))
 
     out.append("<h2>Generations</h2>")
     demo = doc["demo"]
@@ -379,17 +384,8 @@ def render_html(doc: dict) -> str:
             out.append(f"<p>{_e(demo['note'])}</p>")
         if "demo" in doc["notes"]:
             out.append(f'<p class="note">{_e(doc["notes"]["demo"])}</p>')
-        models = demo["models"]
-        head = "".join(f"<th>{_e(h)}</th>" for h in ["prompt"] + [m["label"] for m in models])
-        rows = []
-        for r in demo["results"]:
-            cells = [f'<td class="gen" lang="ja">{_e(r["prompt"])}</td>']
-            for m in models:
-                a = r["answers"][m["key"]]
-                cells.append(f'<td class="gen" lang="ja">{_e(a["text"])}\n'
-                             f'<span class="stats">[{_e(answer_stats(a))}]</span></td>')
-            rows.append("<tr>" + "".join(cells) + "</tr>")
-        out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+        out.append(_answers_table(["prompt"], demo["models"], answer_stats,
+                                  [([_gen_cell(r["prompt"])], r["answers"]) for r in demo["results"]]))
 
     out.append("<h2>Throughput and memory</h2>")
     out.append("<p>Training: step time is the median of consecutive steps (validation and checkpoint pauses "

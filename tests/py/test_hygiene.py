@@ -172,8 +172,14 @@ def test_grad_norm_of_prefers_megatron_then_main_grad_then_grad():
     model.embedding.weight.main_grad = torch.full((10, 4), 0.5)  # Megatron's buffer: norm sqrt(10)
     model.embedding.weight.grad = torch.full((10, 4), 100.0)  # ignored: main_grad is the real one
     model.layers[0].weight.grad = torch.full((4, 4), 100.0)  # frozen: not counted
-    value, source = callbacks.grad_norm_of(fake_trainer(1), model)
+    trainer = fake_trainer(1)
+    value, source = callbacks.grad_norm_of(trainer, model)
     assert source == "computed" and value == pytest.approx(math.sqrt(18))
+    # asked again in the same step (the recorder and the guard both ask): computed once
+    model.head.weight.grad = torch.full((2, 4), 2.0)
+    assert callbacks.grad_norm_of(trainer, model) == (value, "computed")
+    trainer.global_step = 2  # the next step sees the new gradients
+    assert callbacks.grad_norm_of(trainer, model)[0] == pytest.approx(math.sqrt(32 + 10))
 
 
 class LightningTiny(pl.LightningModule):
