@@ -79,36 +79,37 @@ preflight: $(STAMPS)/python ## can this box run PROFILE? versions, GPU, disk, wa
 	$(JACPT) preflight $(OVERRIDES)
 
 # ---- stages -------------------------------------------------------------------------------
+# Each stage checks the box first for what that stage needs (`jacpt preflight --stage`: a short block
+# on stderr; fatal only where the stage would fail); a dry run skips it, so it works anywhere.
+PREFLIGHT = $(if $(filter 1,$(DRY_RUN)),,$(JACPT) preflight --stage $(1) $(OVERRIDES) >&2 &&)
+
 .PHONY: data
 data: $(STAMPS)/python $(if $(filter 1,$(DRY_RUN)),,$(STAMPS)/assets) ## download, clean and tokenise the corpus; build LoRA data
-	$(JACPT) data $(if $(filter 1,$(SKIP_BAD)),--skip-bad) $(OVERRIDES)
+	$(call PREFLIGHT,data) $(JACPT) data $(if $(filter 1,$(SKIP_BAD)),--skip-bad) $(OVERRIDES)
 
 .PHONY: import
 import: $(STAMPS)/python $(if $(filter 1,$(DRY_RUN)),,$(STAMPS)/assets) ## convert the HF model (HF_MODEL_DIR) to a NeMo checkpoint, embeddings tied
-	$(JACPT) import $(OVERRIDES)
-
-# Training stages check the box first (GPU, memory, disk); a dry run skips it, so it works anywhere.
-PREFLIGHT = $(if $(filter 1,$(DRY_RUN)),,$(JACPT) preflight $(OVERRIDES) >&2 &&)
+	$(call PREFLIGHT,import) $(JACPT) import $(OVERRIDES)
 
 .PHONY: cpt
 cpt: $(STAMPS)/python ## continual pre-training from the import on the data (resumes if interrupted)
-	$(PREFLIGHT) $(JACPT) cpt $(OVERRIDES)
+	$(call PREFLIGHT,cpt) $(JACPT) cpt $(OVERRIDES)
 
 .PHONY: lora
 lora: $(STAMPS)/python ## LoRA from the last CPT checkpoint on the LoRA examples
-	$(PREFLIGHT) $(JACPT) lora $(OVERRIDES)
+	$(call PREFLIGHT,lora) $(JACPT) lora $(OVERRIDES)
 
 .PHONY: export
 export: $(STAMPS)/python ## hand-off: CPT and LoRA-merged HF models with card, checksums, wandb artifact
-	$(JACPT) export $(OVERRIDES)
+	$(call PREFLIGHT,export) $(JACPT) export $(OVERRIDES)
 
 .PHONY: demo
 demo: $(STAMPS)/python ## base / CPT / LoRA answers side by side (INTERACTIVE=1 for a chat loop)
-	$(JACPT) demo $(if $(filter 1,$(INTERACTIVE)),--interactive) $(OVERRIDES)
+	$(call PREFLIGHT,demo) $(JACPT) demo $(if $(filter 1,$(INTERACTIVE)),--interactive) $(OVERRIDES)
 
 .PHONY: eval
 eval: $(STAMPS)/python ## base vs CPT vs LoRA: perplexity, Japanese-answer rate, EM/chrF/BLEU, loops
-	$(JACPT) eval $(OVERRIDES)
+	$(call PREFLIGHT,eval) $(JACPT) eval $(OVERRIDES)
 
 .PHONY: rehearse
 rehearse: $(STAMPS)/python ## the timed demo script against its budgets (OFFLINE=1 forbids network; SCRIPT=<yaml>)

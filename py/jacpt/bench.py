@@ -1,6 +1,6 @@
 """`make bench`: CPT, LoRA and generation throughput on one GPU, beside plain transformers and the limit.
 
-    jacpt bench [--only cpt,hf,lora,gen] [--mbs 2,4,8] [--variants kit] [--steps 20] [--warmup 10]
+    jacpt bench [--only cpt,hf,lora,gen] [--mbs 2,4,8,16] [--variants kit] [--steps 20] [--warmup 10]
 
 A benchmark, not a test. Every case runs in its own process (a fresh CUDA context and
 Megatron state), logs to `<work>/<case>.log`, and writes one JSON line; an out-of-memory
@@ -51,13 +51,19 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
                ("B200", 2250.0), ("A100", 312.0), ("RTX 6000 Ada", 364.2), ("L40S", 362.1), ("L40", 181.0),
                ("RTX A6000", 154.8), ("L4", 121.0), ("RTX 4090", 165.2), ("A10", 125.0))
 LEVERS = {
-    # name: (environment of the case, model-config overrides). "kit" is what `make cpt` runs: SDPA + fused AdamW.
-    "local": ({"JACPT_NO_TE_ATTENTION": "local", "JACPT_NO_TE_ADAMW": "foreach"}, {"bias_activation_fusion": False}),
-    "sdpa": ({"JACPT_NO_TE_ATTENTION": "sdpa", "JACPT_NO_TE_ADAMW": "foreach"}, {"bias_activation_fusion": False}),
+    # name: (environment of the case, model-config overrides, arguments of the task function).
+    # "kit" is what `make cpt` runs: SDPA, fused AdamW, loss in chunks of cpt.loss_chunk_tokens.
+    "local": ({"JACPT_NO_TE_ATTENTION": "local", "JACPT_NO_TE_ADAMW": "foreach"}, {"bias_activation_fusion": False},
+              {"loss_chunk_tokens": 0}),
+    "sdpa": ({"JACPT_NO_TE_ATTENTION": "sdpa", "JACPT_NO_TE_ADAMW": "foreach"}, {"bias_activation_fusion": False},
+             {"loss_chunk_tokens": 0}),
     "sdpa+adamw+swiglu": ({"JACPT_NO_TE_ATTENTION": "sdpa", "JACPT_NO_TE_ADAMW": "fused"},
-                          {"bias_activation_fusion": True}),
-    "kit": ({}, {}),
+                          {"bias_activation_fusion": True}, {"loss_chunk_tokens": 0}),
+    "whole-logits": ({}, {}, {"loss_chunk_tokens": 0}),
+    "kit": ({}, {}, {}),
 }
+SWEEP_VARIANTS = ("kit", "whole-logits")  # measured at every --mbs; the others at --lever-mbs only
+
 GEN_PROMPTS = ("日本の首都は", "富士山について説明してください。", "機械学習とは")
 
 
@@ -196,6 +202,13 @@ def _trim(recipe, case: dict, out: Path) -> None:
         setattr(recipe.optim.config, k, v)
 
 
+def _loss_chunk(case: dict, stage: str) -> int:
+    """The case's loss chunk; the kit's default for its stage unless the lever sets one."""
+    from jacpt import config as kit_config
+
+    return case.get("task", {}).get("loss_chunk_tokens", kit_config.KEYS[f"{stage}.loss_chunk_tokens"].default)
+
+
 def run_cpt(case: dict) -> dict:
     import fiddle as fdl
     import nemo_run as run
@@ -211,6 +224,7 @@ def run_cpt(case: dict) -> dict:
     recipe.model = run.Config(llm.Qwen2Model, config=_model_config(case.get("model", {})))
     recipe.data = _data(work, case["mbs"])
     recipe.resume = None
+    recipe.loss_chunk_tokens = _loss_chunk(case, "cpt")
     _trim(recipe, case, out)
     fdl.build(recipe)()
     return json.loads(out.read_text(encoding="utf-8"))
@@ -240,6 +254,7 @@ def run_lora(case: dict) -> dict:
     recipe.data = _data(work, case["mbs"])
     recipe.trainer.strategy.ddp = "megatron"
     recipe.resume = run.Config(nl.AutoResume, restore_config=run.Config(nl.RestoreConfig, path=str(ckpt)))
+    recipe.loss_chunk_tokens = _loss_chunk(case, "lora")
     _trim(recipe, case, out)
     fdl.build(recipe)()
     return json.loads(out.read_text(encoding="utf-8"))
@@ -443,12 +458,14 @@ def cases(only: list[str], mbs: list[int], variants: list[str], steps: int, warm
         out.append({**base, "name": "hf", "kind": "hf", "mbs_list": mbs, "modes": hf_modes})
     if "cpt" in only:
         for v in variants:
-            env, model = LEVERS[v]
-            for m in (mbs if v == "kit" else [lora_mbs]):
+            env, model, task = LEVERS[v]
+            for m in (mbs if v in SWEEP_VARIANTS else [lora_mbs]):
                 out.append({**base, "name": f"cpt-{v}-mbs{m}", "kind": "cpt", "variant": v, "mbs": m, "env": env,
-                            "model": model})
+                            "model": model, "task": task})
     if "lora" in only:
-        out.append({**base, "name": f"lora-mbs{lora_mbs}", "kind": "lora", "mbs": lora_mbs})
+        for v in [v for v in SWEEP_VARIANTS if v == "kit" or v in variants]:
+            name = f"lora-mbs{lora_mbs}" if v == "kit" else f"lora-{v}-mbs{lora_mbs}"
+            out.append({**base, "name": name, "kind": "lora", "variant": v, "mbs": lora_mbs, "task": LEVERS[v][2]})
     if "gen" in only:
         out.append({**base, "name": "gen", "kind": "gen"})
     return out
@@ -488,7 +505,7 @@ def collect(recs: list[dict], gpu: dict, peak: float | None, te_present: bool) -
     hf = by.get("hf", {}).get("results", {})
     hf_ok = {k: v for k, v in hf.items() if "tokens_per_s" in v}
     hf_same = {v["mbs"]: v for v in hf_ok.values() if v["mode"] == "bf16"}
-    lora = next((r for r in recs if r["kind"] == "lora" and r.get("ok")), None)
+    lora = next((r for r in recs if r["kind"] == "lora" and r.get("variant", "kit") == "kit" and r.get("ok")), None)
     lora_cpt = cpt.get(lora["mbs"]) if lora else None
     gen = by.get("gen") if by.get("gen", {}).get("ok") else None
     hf_best = max(hf_same.values(), key=lambda r: r["tokens_per_s"], default=None)
@@ -525,7 +542,8 @@ def render(doc: dict) -> str:
     rows = [("case", "mbs", "tokens/s", "step s", "MFU", "peak GiB", "note")]
     for r in doc["cases"]:
         if r["kind"] in ("cpt", "lora"):
-            name = f"NeMo CPT [{r['variant']}]" if r["kind"] == "cpt" else "NeMo LoRA (dim 32)"
+            name = (f"NeMo CPT [{r['variant']}]" if r["kind"] == "cpt"
+                    else f"NeMo LoRA (dim 32){'' if r.get('variant', 'kit') == 'kit' else ' [' + r['variant'] + ']'}")
             if r.get("ok"):
                 note = f"trainable {r['trainable']:,} of {r['params']:,}" if r.get("trainable") else ""
                 rows.append((name, str(r["mbs"]), _fmt(r["tokens_per_s"]), f"{r['step_s']:.3f}",
@@ -596,9 +614,9 @@ def plan_text(plan: list[dict], peak: float | None) -> str:
                 "hf": f"transformers {', '.join(c.get('modes', []))} at micro-batch "
                       f"{', '.join(map(str, c.get('mbs_list', [])))}",
                 "cpt": f"NeMo CPT [{c.get('variant')}] micro-batch {c.get('mbs')}",
-                "lora": f"NeMo LoRA micro-batch {c.get('mbs')}",
+                "lora": f"NeMo LoRA [{c.get('variant', 'kit')}] micro-batch {c.get('mbs')}",
                 "gen": "generation: NeMo (batched and one at a time) and transformers, 3 prompts x 256 tokens"}[c["kind"]]
-        extra = " ".join(f"{k}={v}" for k, v in {**c.get("env", {}), **c.get("model", {})}.items())
+        extra = " ".join(f"{k}={v}" for k, v in {**c.get("env", {}), **c.get("model", {}), **c.get("task", {})}.items())
         steps = f"; {c['warmup']} + {c['steps']} steps" if c["kind"] in ("cpt", "lora", "hf") else ""
         lines.append(f"  {c['name']:<28} {what}{steps}{'; ' + extra if extra else ''}")
     return "\n".join(lines)

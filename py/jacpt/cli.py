@@ -154,20 +154,29 @@ _stage_command("report", "report:report_stage",
                "print which runs it would use; write no report; exit 0")
 
 
+def preflight_stages() -> tuple[str, ...]:
+    from jacpt.preflight import STAGES  # light: it imports jacpt.data (numpy) only where a check needs it
+
+    return STAGES
+
+
 @cli.command("preflight")
 @profile_options
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+@click.option("--stage", type=click.Choice(preflight_stages()), default=None,
+              help="only what this stage needs (each `make <stage>` runs this first); unset: the whole profile")
 @click.pass_context
-def preflight(ctx, cfg, as_json):
+def preflight(ctx, cfg, as_json, stage):
     """Can this box run the profile? Versions, GPUs, disk, wandb, data, memory and time estimates.
 
-    Exits 0 when it can, 1 with the fix otherwise.
+    Exits 0 when it can, 1 with the fix otherwise. With --stage, a short block of the checks that
+    stage depends on, and only those can fail it.
     """
     import json
 
     from jacpt import preflight as preflight_mod
 
-    report = preflight_mod.run(cfg)
+    report = preflight_mod.run(cfg, stage)
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.text())
     ctx.exit(0 if report.ok else 1)
 
@@ -232,12 +241,13 @@ def _choice_list(choices):
 @cli.command()
 @click.option("--only", default="hf,cpt,lora,gen", callback=_choice_list(("hf", "cpt", "lora", "gen")),
               help="what to measure (comma-separated)")
-@click.option("--mbs", default="2,4,8", callback=_int_list, help="CPT micro-batches (seq 2048)")
+@click.option("--mbs", default="2,4,8,16", callback=_int_list, help="CPT micro-batches (seq 2048)")
 @click.option("--variants", default="kit",
               callback=_choice_list(tuple(bench_levers())),
-              help="CPT set-ups without Transformer Engine: kit (what make cpt runs: SDPA + fused AdamW) at every "
-                   "--mbs; the levers (local = Megatron's stock attention and AdamW, sdpa = torch AdamW, "
-                   "sdpa+adamw+swiglu = the kit + SwiGLU fusion) at --lever-mbs")
+              help="CPT set-ups without Transformer Engine: kit (what make cpt runs: SDPA, fused AdamW, loss in "
+                   "chunks) and whole-logits (the kit with Megatron's whole-logits loss; also adds a LoRA case) at "
+                   "every --mbs; the levers (local = Megatron's stock attention and AdamW, sdpa = torch AdamW, "
+                   "sdpa+adamw+swiglu = + fused AdamW and SwiGLU fusion; all three whole-logits) at --lever-mbs")
 @click.option("--lever-mbs", default=4, type=click.IntRange(1), help="micro-batch of the lever variants and LoRA")
 @click.option("--hf-modes", default="bf16,amp", callback=_choice_list(("bf16", "amp")),
               help="transformers baseline: pure bf16 weights, and/or fp32 master weights + autocast")

@@ -147,6 +147,9 @@ KEYS: dict[str, Key] = {
                                    check=_nonneg),
     "cpt.early_stop_min_delta": Key(float, 0.0, "how far val loss must fall to count as an improvement; larger stops "
                                     "sooner", check=lambda v: None if v >= 0 else "must be >= 0"),
+    "cpt.loss_chunk_tokens": Key(int, 4096, "output layer + cross entropy this many tokens at a time: the "
+                                 "151,936-wide logits are never whole (jacpt/chunked_loss.py); 0: Megatron's "
+                                 "whole-logits path, ~1.2 MB more a token", check=_nonneg),
     # --- lora -------------------------------------------------------------
     "lora.seq_length": Key(int, 1024, "tokens per example (prompt + answer)", check=_positive),
     "lora.micro_batch_size": Key(int, 4, "examples per GPU per step", check=_positive),
@@ -167,6 +170,9 @@ KEYS: dict[str, Key] = {
                                     "but a noisy val loss can end a run too early", check=_nonneg),
     "lora.early_stop_min_delta": Key(float, 0.0, "how far val loss must fall to count as an improvement; larger "
                                      "stops sooner", check=lambda v: None if v >= 0 else "must be >= 0"),
+    "lora.loss_chunk_tokens": Key(int, 4096, "output layer + cross entropy this many tokens at a time: the "
+                                  "151,936-wide logits are never whole (jacpt/chunked_loss.py); 0: Megatron's "
+                                  "whole-logits path, ~1.2 MB more a token", check=_nonneg),
     "lora.dim": Key(int, 32, "adapter rank; trainable parameters grow linearly with it", check=_positive),
     "lora.alpha": Key(int, 32, "adapter scale (alpha/dim multiplies the update)", check=_positive),
     "lora.dropout": Key(float, 0.0, "dropout on the adapter input", check=_unit),

@@ -12,8 +12,10 @@ configs/demo-prompts.txt) as a raw continuation: no chat template, no BOS.
   to one model and calls `setup_environment`, and `MegatronStrategy.setup_distributed`
   returns early once torch.distributed is up (megatron_strategy.py:550), so a second model
   in the same process would run on the first one's parallel state, AppState and trainer,
-  and GPU memory would hold every model loaded so far. So each model gets a fresh process,
-  which also frees the GPU between models. The worker runs the two halves of
+  and GPU memory would hold every model loaded so far. So each model gets a fresh process.
+  The three workers start together and answer concurrently (a 0.5B model in bf16 takes ~1 GB):
+  their imports, loads and generation overlap, so the demo lasts about as long as its slowest
+  model instead of the sum of the three. The worker runs the two halves of
   `llm.generate` (api.py:1076-1104: `setup_model_and_tokenizer`, then
   `inference.generate` with all prompts in one batch) so that the load is timed apart
   from generation and, in `--interactive`, the loaded model answers later prompts too.
@@ -329,8 +331,9 @@ class WorkerGenerator:
     The worker's stderr and any stray stdout go to `log_path`; its last lines are shown when it fails.
     """
 
-    def __init__(self, backend: str, path: Path, s: dict, device: str, log_path: Path):
+    def __init__(self, backend: str, path: Path, s: dict, device: str, log_path: Path, wait: bool = True):
         self.batched = BACKENDS[backend].batched
+        self.load_s, self.dtype = None, None
         self.log_path, self.what = log_path, f"{backend} worker for {path}"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(log_path, "a", encoding="utf-8")
@@ -343,8 +346,14 @@ class WorkerGenerator:
         self.log.flush()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, encoding="utf-8", env=env, cwd=str(paths.KIT_ROOT))
-        ready = self._read()
-        self.load_s, self.dtype = ready["load_s"], ready["dtype"]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the worker has loaded its model (returns at once after the first time)."""
+        if self.load_s is None:
+            ready = self._read()
+            self.load_s, self.dtype = ready["load_s"], ready["dtype"]
 
     def _tail(self, n: int = 25) -> str:
         if not self.log.closed:
@@ -368,11 +377,19 @@ class WorkerGenerator:
         raise StageError(f"the {self.what} exited {rc} without answering (log {self.log_path}, last lines:)\n"
                          f"{self._tail()}")
 
-    def generate(self, prompts: list[str]) -> list[Answer]:
+    def submit(self, prompts: list[str]) -> None:
+        """Ask for answers without waiting for them (`collect` reads them)."""
+        self.wait_ready()
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"prompts": prompts}) + "\n")
         self.proc.stdin.flush()
+
+    def collect(self) -> list[Answer]:
         return [Answer(a["text"], a["new_tokens"], a["latency_s"]) for a in self._read()["answers"]]
+
+    def generate(self, prompts: list[str]) -> list[Answer]:
+        self.submit(prompts)
+        return self.collect()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -505,8 +522,9 @@ def render_markdown(doc: dict) -> str:
         out.append(f"| {m['label']} | `{m['path']}` | {m['load_s']:.2f} | {m['startup_s']:.2f} | {m['new_tokens']} | "
                    f"{m['generate_s']:.2f} | {m['tokens_per_s'] or 0:.1f} |")
     out.append("")
-    out.append("load s: the checkpoint load; ready s: until the model could answer (with a worker process: its "
-               "start and imports too).")
+    out.append("load s: the checkpoint load; ready s: until the model could answer (with worker processes: from "
+               "their common start, imports included; the workers load and answer at the same time, so their "
+               "times overlap).")
     if any(m["batched"] for m in models):
         out += ["", "All prompts went in one batch per model: a prompt's latency is the batch's."]
     out += ["", "| prompt | " + " | ".join(m["label"] for m in models) + " |", "|---" * (len(models) + 1) + "|"]
@@ -526,7 +544,7 @@ def plan(cfg: Config, cuda: bool) -> dict:
     models = nemo_models(cfg.profile) if cuda else hf_models(cfg.profile)
     return {
         "format": FORMAT, "profile": cfg.profile,
-        "method": ("NeMo (llm.generate halves) on CUDA, bf16, one worker process per model" if cuda
+        "method": ("NeMo (llm.generate halves) on CUDA, bf16, one worker process per model, all at once" if cuda
                    else "transformers on CPU, float32"),
         "backend": "nemo" if cuda else "hf", "device": "cuda" if cuda else "cpu",
         "note": None if cuda else NO_CUDA_NOTE, "settings": s, "prompts_file": str(prompts_file),
@@ -544,7 +562,7 @@ def plan_text(p: dict, interactive: bool) -> str:
         lines.append(f"  {m['label']:<5} {m['path']}")
         lines.append(f"        from {m['run']}")
     if p["backend"] == "nemo":
-        lines.append("launch       one process per model, in turn:")
+        lines.append("launch       one process per model, all three at once:")
         lines += [f"  {sys.executable} -m jacpt.generate worker nemo {m['path']} '<settings>' cuda"
                   for m in p["models"]]
     lines += [f"prompts      {len(p['prompts'])} from {p['prompts_file']}",
@@ -555,25 +573,72 @@ def plan_text(p: dict, interactive: bool) -> str:
     return "\n".join(lines)
 
 
-def _open_generator(p: dict, ref: dict, run_dir: Path):
-    path = Path(ref["path"])
-    if p["backend"] == "nemo":
-        return WorkerGenerator("nemo", path, p["settings"], p["device"], run_dir / f"worker-{ref['key']}.log")
-    return HFGenerator(path, p["settings"], p["device"])
+def _model_record(ref: dict, gen, start_s: float, gen_s: float, got: list[Answer]) -> dict:
+    n = sum(a.new_tokens for a in got)
+    log(f"{ref['label']}: {n} tokens in {gen_s:.2f} s")
+    return {**ref, "load_s": round(gen.load_s, 3), "startup_s": round(start_s, 3), "dtype": gen.dtype,
+            "batched": gen.batched, "new_tokens": n, "generate_s": round(gen_s, 3),
+            "tokens_per_s": round(n / gen_s, 2) if gen_s > 0 else None}
+
+
+def _document(p: dict, models: list[dict], answers: dict) -> dict:
+    results = [{"prompt": q, "answers": {k: answers[k][i] for k in answers}} for i, q in enumerate(p["prompts"])]
+    doc = {k: v for k, v in p.items() if k not in ("models",)}
+    doc.update(models=models, results=results)
+    return doc
+
+
+def run_workers(p: dict, run_dir: Path, keep: bool, backend: str = "nemo") -> tuple[dict, dict]:
+    """Every model in its own worker process, all started at once; each is asked as soon as it is
+    ready, so the imports, loads and answers of the models overlap. Returns (doc, workers kept open
+    when `keep`). startup_s counts from the common start; generate_s from the model's own request."""
+    prompts, gens, start, sent = p["prompts"], {}, {}, {}
+    t0 = time.perf_counter()
+    try:
+        for ref in p["models"]:
+            log(f"{ref['label']}: starting a worker for {ref['path']}")
+            gens[ref["key"]] = WorkerGenerator(backend, Path(ref["path"]), p["settings"], p["device"],
+                                               run_dir / f"worker-{ref['key']}.log", wait=False)
+        for ref in p["models"]:
+            gen = gens[ref["key"]]
+            gen.wait_ready()
+            start[ref["key"]] = time.perf_counter() - t0
+            log(f"{ref['label']}: loaded in {gen.load_s:.1f} s ({gen.dtype}; ready after {start[ref['key']]:.1f} s, "
+                f"workers started together); {len(prompts)} prompts")
+            gen.submit(prompts)
+            sent[ref["key"]] = time.perf_counter()
+        models, answers = [], {}
+        for ref in p["models"]:
+            got = gens[ref["key"]].collect()
+            models.append(_model_record(ref, gens[ref["key"]], start[ref["key"]],
+                                        time.perf_counter() - sent[ref["key"]], got))
+            answers[ref["key"]] = [a.as_dict() for a in got]
+    except BaseException:
+        _close_all(gens)
+        raise
+    if not keep:
+        _close_all(gens)
+        gens = {}
+    return _document(p, models, answers), gens
 
 
 def run_models(p: dict, run_dir: Path, keep: bool) -> tuple[dict, dict]:
-    """Load each model once, answer all prompts; returns (doc, generators kept open when `keep`)."""
+    """Load each model once, answer all prompts; returns (doc, generators kept open when `keep`).
+
+    NeMo (CUDA): worker processes, started together (run_workers). transformers (CPU): in this
+    process, one model at a time, so only one is in memory unless `keep`."""
+    if p["backend"] == "nemo":
+        return run_workers(p, run_dir, keep)
     prompts, kept, models, answers = p["prompts"], {}, [], {}
     for ref in p["models"]:
         log(f"{ref['label']}: loading {ref['path']}")
         t0 = time.perf_counter()
         try:
-            gen = _open_generator(p, ref, run_dir)
+            gen = HFGenerator(Path(ref["path"]), p["settings"], p["device"])
         except BaseException:
             _close_all(kept)
             raise
-        start_s = time.perf_counter() - t0  # with a worker: process start and imports too
+        start_s = time.perf_counter() - t0
         log(f"{ref['label']}: loaded in {gen.load_s:.1f} s ({gen.dtype}; ready after {start_s:.1f} s); "
             f"{len(prompts)} prompts")
         try:
@@ -583,20 +648,13 @@ def run_models(p: dict, run_dir: Path, keep: bool) -> tuple[dict, dict]:
         except BaseException:
             _close_all({**kept, ref["key"]: gen})
             raise
-        n = sum(a.new_tokens for a in got)
-        models.append({**ref, "load_s": round(gen.load_s, 3), "startup_s": round(start_s, 3), "dtype": gen.dtype,
-                       "batched": gen.batched, "new_tokens": n, "generate_s": round(gen_s, 3),
-                       "tokens_per_s": round(n / gen_s, 2) if gen_s > 0 else None})
+        models.append(_model_record(ref, gen, start_s, gen_s, got))
         answers[ref["key"]] = [a.as_dict() for a in got]
-        log(f"{ref['label']}: {n} tokens in {gen_s:.2f} s")
         if keep:
             kept[ref["key"]] = gen
         else:
             gen.close()
-    results = [{"prompt": q, "answers": {k: answers[k][i] for k in answers}} for i, q in enumerate(prompts)]
-    doc = {k: v for k, v in p.items() if k not in ("models",)}
-    doc.update(models=models, results=results)
-    return doc, kept
+    return _document(p, models, answers), kept
 
 
 def _close_all(gens: dict) -> None:

@@ -1,14 +1,19 @@
 """`jacpt preflight`: can this box run PROFILE? Versions, GPUs, disk, wandb, data; then a verdict.
 
-Every line is `ok|warn|FAIL  <what>  <detail>`; a FAIL's detail names the fix. It imports
-nothing heavy (no nemo.collections.llm): versions come from package metadata, GPUs from
-torch.cuda and nvidia-smi. The memory and time figures are estimates from formulas fitted to
-`make bench` on an H100 without Transformer Engine (BENCHMARKS.md); other GPUs are scaled by
-their bf16 peak and labelled as estimates.
+Every line is `ok|warn|FAIL  <what>  <detail>`; a FAIL's detail names the fix. Without a stage it
+checks the whole profile (`make preflight`). With `--stage NAME` (each Make stage target runs that
+first) it prints a short block of the checks that stage depends on, and only those can fail it: a
+CUDA GPU and its memory for cpt and lora on a GPU profile, the stage's own directory and free space,
+the tokenizer for data, the data manifest for cpt, lora and eval. It imports nothing heavy (no
+nemo.collections.llm): versions come from package metadata, GPUs from torch.cuda and nvidia-smi.
+The memory and time figures are estimates from formulas fitted to `make bench` on an H100 without
+Transformer Engine (BENCHMARKS.md); other GPUs are scaled by their bf16 peak and labelled as
+estimates.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -19,8 +24,10 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from jacpt import data as data_mod, paths, runs
+from jacpt import paths, runs
 from jacpt.config import Config, parse_shards
+
+# jacpt.data (numpy) is imported where it is used: the CLI imports this module at start for --stage's choices.
 
 GB = 1e9
 MB = 1e6
@@ -30,24 +37,30 @@ QWEN25_05B_PARAMS = 494_032_768
 TINY_PARAMS = 9_798_208
 
 # Memory and throughput of Qwen2.5-0.5B (tied), seq 2048, bf16, one H100 without Transformer Engine, the
-# kit's own path (SDPA attention, fused AdamW): `make bench`, BENCHMARKS.md and
-# bench/results/2026-11-22-nvidia-h100-80gb-hbm3.json. Peak allocated memory was 29.6 / 50.9 GiB at
-# micro-batch 4 / 8: 8.39 GiB + 5.31 GiB per sample. The constant is the training state, 18 bytes per
-# parameter (bf16 weights 2 + fp32 main weights 4 + Adam m and v 8 + the fp32 gradient buffer 4, distributed
-# optimizer off); the slope is 2.78 MB per token, over half of it the 151,936-wide logits and their fp32
-# softmax. A saved checkpoint carries the state without the gradient buffer.
+# kit's own path (SDPA attention, fused AdamW, loss in chunks of 4,096 tokens): `make bench`, BENCHMARKS.md
+# and bench/results/2026-11-22-nvidia-h100-80gb-hbm3.json. Peak allocated memory was 22.0 / 31.6 / 50.9 GiB
+# at micro-batch 4 / 8 / 16. The constant is the training state, 18 bytes per parameter (bf16 weights 2 + fp32
+# main weights 4 + Adam m and v 8 + the fp32 gradient buffer 4, distributed optimizer off), plus one chunk's
+# logits and their gradient (~7 bytes per logit, 4.4 GB at 4,096 tokens); the slope is 1.26 MB per token.
+# With the loss not chunked (loss_chunk_tokens=0) the whole micro-batch's logits and fp32 softmax stay: 29.6 /
+# 50.9 GiB at micro-batch 4 / 8, 2.78 MB per token and no chunk term. A saved checkpoint carries the state
+# without the gradient buffer.
 CPT_BYTES_PER_PARAM = 18
 CKPT_BYTES_PER_PARAM = 16  # weights, main weights and Adam moments (14), rounded up for metadata and slack
 LORA_BYTES_PER_PARAM = 2  # frozen bf16 weights; the adapters and their state are ~1% of that
 EXPORT_BYTES_PER_PARAM = 2 * 2  # two HF exports (CPT, LoRA-merged) in bf16
-ACT_BYTES_PER_TOKEN = 2.8 * MB  # flat per token (2.78 measured); attention's share is small with flash attention
+ACT_BYTES_PER_TOKEN = 1.26 * MB  # flat per token; attention's share is small with flash attention
+WHOLE_LOGITS_ACT_BYTES_PER_TOKEN = 2.8 * MB  # the same with the loss not chunked (2.78 measured)
+CHUNK_BYTES_PER_LOGIT = 7  # one chunk's bf16 logits, their gradient and the kernels' scratch
+VOCAB = 151_936
 CUDA_CONTEXT_BYTES = 2 * GB  # CUDA context, cuBLAS workspaces and allocator slack, not in the peak above
 
 # Tokens/s measured at each CPT micro-batch (same run); between them the rate is interpolated, below them
 # proportional, past them the largest. Other GPUs scale by dense bf16 peak (an estimate, and labelled so).
-# LoRA ran at 0.76x CPT's rate at micro-batch 4 (NeMo's adapters add kernels on the full base backward).
-MEASURED_TOKENS_PER_S = {4: 47_226, 8: 64_377}
-MEASURED_LORA_FACTOR = 0.76
+# LoRA (loss in chunks too) ran at 0.74x CPT's rate at micro-batch 4 (NeMo's adapters add kernels on the
+# full base backward).
+MEASURED_TOKENS_PER_S = {4: 56_200, 8: 77_526, 16: 92_479}
+MEASURED_LORA_FACTOR = 0.74
 MEASURED_PEAK = 989e12
 MEASURED_SOURCE = "measured on an H100 without TE (make bench, BENCHMARKS.md)"
 
@@ -55,6 +68,20 @@ MEASURED_SOURCE = "measured on an H100 without TE (make bench, BENCHMARKS.md)"
 LLMJP_BYTES_ALL = 5 * GB
 LLMJP_FILES_ALL = 15
 SAMPLE_BYTES = 5 * MB
+
+# A LoRA checkpoint holds the adapters and their optimizer state only (the tiny chain's: 136 KB of weights/),
+# plus the context/ every NeMo checkpoint carries (the tokenizer files and the config: 16 MB). Per unit of
+# lora.dim the adapters are ~0.1% of the model: Qwen2.5-0.5B with adapters on all four linear layers has
+# dim x 20,224 per layer, 15.5M (3.1%) at dim 32. The lora stage keeps the last checkpoint and the best one.
+LORA_ADAPTER_SHARE_PER_DIM = 0.001
+CKPT_CONTEXT_BYTES = 16 * MB
+LORA_CKPTS_KEPT = 2
+
+# `--stage`: the Make stage targets, in chain order (the Makefile's CHAIN), and what each depends on.
+STAGES = ("data", "import", "cpt", "lora", "export", "demo", "eval")
+TRAIN_STAGES = ("cpt", "lora")  # a GPU profile cannot train without CUDA
+READS_DATA = ("cpt", "lora", "eval")  # they read the data manifest
+LOGS_WANDB = ("cpt", "lora", "export", "eval")
 
 
 @dataclass
@@ -80,6 +107,7 @@ class Report:
     gpus: list[dict] = field(default_factory=list)
     disk: dict = field(default_factory=dict)
     estimates: dict = field(default_factory=dict)
+    stage: str | None = None  # None: the whole profile
 
     def add(self, status: str, what: str, detail: str) -> None:
         self.checks.append(Check(status, what, detail))
@@ -90,19 +118,29 @@ class Report:
 
     def verdict(self) -> str:
         fails = [c for c in self.checks if c.status == "FAIL"]
+        which = f"the FAIL line{'s' if len(fails) > 1 else ''} above"
+        if self.stage:
+            target = f"make {self.stage} PROFILE={self.profile}"
+            return f"ready for {target}" if not fails else f"not ready for {target}: fix {which}"
         if not fails:
             return f"ready: this box can run PROFILE={self.profile}"
-        return f"not ready for PROFILE={self.profile}: fix the FAIL line{'s' if len(fails) > 1 else ''} above"
+        return f"not ready for PROFILE={self.profile}: fix {which}"
 
     def as_dict(self) -> dict:
-        return {"profile": self.profile, "ok": self.ok, "verdict": self.verdict(),
-                "checks": [asdict(c) for c in self.checks], "versions": self.versions, "gpus": self.gpus,
-                "disk": self.disk, "estimates": self.estimates}
+        return {"profile": self.profile, **({"stage": self.stage} if self.stage else {}), "ok": self.ok,
+                "verdict": self.verdict(), "checks": [asdict(c) for c in self.checks], "versions": self.versions,
+                "gpus": self.gpus, "disk": self.disk, "estimates": self.estimates}
 
     def text(self) -> str:
+        """The whole profile: every check, a blank line, the verdict. A stage: a block, the verdict its last line."""
+        status = "ok" if self.ok else "FAIL"
+        if self.stage:
+            checks = self.checks + [Check(status, "preflight", self.verdict())]
+            width = max(len(c.what) for c in checks)
+            return "\n".join(f"{c.status:<4}  {c.what:<{width}}  {c.detail}" for c in checks)
         width = max((len(c.what) for c in self.checks), default=0)
         lines = [f"{c.status:<4}  {c.what:<{width}}  {c.detail}" for c in self.checks]
-        return "\n".join(lines + ["", ("ok    " if self.ok else "FAIL  ") + self.verdict()])
+        return "\n".join(lines + ["", f"{status:<4}  " + self.verdict()])
 
 
 # ----------------------------------------------------------------------------- discovery (monkeypatched in tests)
@@ -177,21 +215,31 @@ def model_params(cfg: Config) -> int:
     return TINY_PARAMS if cfg["model.hf_dir"] == "tiny" else QWEN25_05B_PARAMS
 
 
-def cpt_memory_bytes(params: int, mbs: int, seq_length: int) -> float:
-    """Per GPU: weights + grads + optimizer state + activations (flat per token) + CUDA context."""
-    return params * CPT_BYTES_PER_PARAM + mbs * seq_length * ACT_BYTES_PER_TOKEN + CUDA_CONTEXT_BYTES
+def activation_bytes(tokens: int, loss_chunk_tokens: int) -> float:
+    """Activations of one micro-batch of `tokens`: flat per token, plus one loss chunk's logits when chunked."""
+    if loss_chunk_tokens == 0:
+        return tokens * WHOLE_LOGITS_ACT_BYTES_PER_TOKEN
+    return tokens * ACT_BYTES_PER_TOKEN + min(loss_chunk_tokens, tokens) * VOCAB * CHUNK_BYTES_PER_LOGIT
 
 
-def lora_memory_bytes(params: int, mbs: int, seq_length: int) -> float:
-    return params * LORA_BYTES_PER_PARAM + mbs * seq_length * ACT_BYTES_PER_TOKEN + CUDA_CONTEXT_BYTES
+def cpt_memory_bytes(params: int, mbs: int, seq_length: int, loss_chunk_tokens: int = 4096) -> float:
+    """Per GPU: weights + grads + optimizer state + activations + CUDA context."""
+    return (params * CPT_BYTES_PER_PARAM + activation_bytes(mbs * seq_length, loss_chunk_tokens)
+            + CUDA_CONTEXT_BYTES)
 
 
-def largest_fitting_mbs(params: int, seq_length: int, vram_bytes: float, samples_per_gpu: int) -> int:
-    """The largest micro-batch whose CPT estimate fits vram_bytes and that divides the samples each GPU takes
-    per step (Megatron requires global batch % (micro-batch x data parallel) == 0); 0 when none fits."""
+def lora_memory_bytes(params: int, mbs: int, seq_length: int, loss_chunk_tokens: int = 4096) -> float:
+    return (params * LORA_BYTES_PER_PARAM + activation_bytes(mbs * seq_length, loss_chunk_tokens)
+            + CUDA_CONTEXT_BYTES)
+
+
+def largest_fitting_mbs(params: int, seq_length: int, vram_bytes: float, samples_per_gpu: int,
+                        memory=cpt_memory_bytes) -> int:
+    """The largest micro-batch whose estimate (CPT's, or `memory`'s) fits vram_bytes and that divides the samples
+    each GPU takes per step (Megatron requires global batch % (micro-batch x data parallel) == 0); 0 when none fits."""
     best = 0
     for n in range(1, samples_per_gpu + 1):
-        if samples_per_gpu % n == 0 and cpt_memory_bytes(params, n, seq_length) <= vram_bytes:
+        if samples_per_gpu % n == 0 and memory(params, n, seq_length) <= vram_bytes:
             best = n
     return best
 
@@ -224,6 +272,8 @@ def tokens_per_s(gpu_name: str, mbs: int = 4) -> tuple[float | None, str]:
 
 def data_need_bytes(cfg: Config) -> int:
     """Free space the data stage still needs under the data dir."""
+    from jacpt import data as data_mod
+
     if (data_mod.out_dir(cfg) / data_mod.MANIFEST).is_file():
         return 0  # built; a re-run with unchanged inputs writes nothing
     src = cfg["data.source"]
@@ -270,19 +320,36 @@ def writable(p: Path) -> bool:
     return True
 
 
-def _check_versions(r: Report, gpus: list[Gpu]) -> None:
+def _add_versions(r: Report) -> None:
     r.versions = versions()
     v = r.versions
     r.add("ok", "versions", f"NeMo {v['NeMo']}, Megatron-Core {v['Megatron-Core']}, NeMo-Run {v['NeMo-Run']}, "
                             f"torch {v['torch']}, CUDA {v['CUDA (torch)']}, container {v['container']}")
-    te = v["Transformer Engine"]
+
+
+TE_ABSENT_ON_GPU = ("absent: the GPU runs without TE's fused kernels (slower, more memory); use the container "
+                    "(make docker-run)")
+
+
+def _check_versions(r: Report, gpus: list[Gpu]) -> None:
+    _add_versions(r)
+    te = r.versions["Transformer Engine"]
     if te != "absent":
         r.add("ok", "transformer-engine", te)
     elif gpus:
-        r.add("warn", "transformer-engine", "absent: the GPU runs without TE's fused kernels (slower, more memory); "
-                                            "use the container (make docker-run)")
+        r.add("warn", "transformer-engine", TE_ABSENT_ON_GPU)
     else:
         r.add("ok", "transformer-engine", "absent (not needed on CPU)")
+
+
+def needs_gpu(cfg: Config) -> bool:
+    """Whether the profile trains on a GPU (all but the tiny CPU profiles)."""
+    return not (is_tiny(cfg) and cfg.profile != "tiny-gpu")
+
+
+def _gpus_seen_by_smi() -> str:
+    smi = _nvidia_smi()
+    return f"; nvidia-smi lists {len(smi)} but torch cannot use them (a CPU build of torch?)" if smi else ""
 
 
 def _check_gpus(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
@@ -292,9 +359,8 @@ def _check_gpus(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
                                 f"driver {g.driver or '?'}")
     if gpus:
         return
-    smi = _nvidia_smi()
-    seen = f"; nvidia-smi lists {len(smi)} but torch cannot use them (a CPU build of torch?)" if smi else ""
-    if is_tiny(cfg) and cfg.profile != "tiny-gpu":
+    seen = _gpus_seen_by_smi()
+    if not needs_gpu(cfg):
         r.add("ok", "gpu", f"no CUDA GPU{seen} (not needed: {cfg.profile} runs on the CPU)")
     else:
         r.add("FAIL", "gpu", f"no CUDA GPU{seen}: this profile needs a GPU; use PROFILE=tiny-cpu or run in the "
@@ -303,15 +369,18 @@ def _check_gpus(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
 
 def _check_memory_and_time(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
     params, mbs, seq = model_params(cfg), cfg["cpt.micro_batch_size"], cfg["cpt.seq_length"]
-    cpt_mem = cpt_memory_bytes(params, mbs, seq)
-    lora_mem = lora_memory_bytes(params, cfg["lora.micro_batch_size"], cfg["lora.seq_length"])
+    cpt_mem = cpt_memory_bytes(params, mbs, seq, cfg["cpt.loss_chunk_tokens"])
+    lora_mem = lora_memory_bytes(params, cfg["lora.micro_batch_size"], cfg["lora.seq_length"],
+                                 cfg["lora.loss_chunk_tokens"])
     cpt_tokens = cfg["cpt.max_steps"] * cfg["cpt.global_batch_size"] * seq
     lora_tokens = cfg["lora.max_steps"] * cfg["lora.global_batch_size"] * cfg["lora.seq_length"]
     est = r.estimates
     est.update(params=params, cpt_memory_bytes=cpt_mem, lora_memory_bytes=lora_mem, cpt_tokens=cpt_tokens,
                lora_tokens=lora_tokens,
                memory_formula=f"{CPT_BYTES_PER_PARAM} B/param (CPT) or {LORA_BYTES_PER_PARAM} B/param (LoRA) + "
-                              f"tokens/micro-batch x {ACT_BYTES_PER_TOKEN / MB:.1f} MB (flat per token) + "
+                              f"tokens/micro-batch x {ACT_BYTES_PER_TOKEN / MB:.2f} MB (flat per token) + "
+                              f"loss chunk tokens x {VOCAB:,} x {CHUNK_BYTES_PER_LOGIT} B (without chunks: "
+                              f"{WHOLE_LOGITS_ACT_BYTES_PER_TOKEN / MB:.1f} MB per token, no chunk term) + "
                               f"{CUDA_CONTEXT_BYTES / GB:.0f} GB CUDA context; distributed optimizer off")
     detail = (f"CPT ~{_gb(cpt_mem)} per GPU at micro-batch {mbs} x seq {seq} ({params:,} params); "
               f"LoRA ~{_gb(lora_mem)} (estimates)")
@@ -319,7 +388,8 @@ def _check_memory_and_time(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
         smallest = min(gpus, key=lambda g: g.vram_bytes)
         if cpt_mem > smallest.vram_bytes:
             per_gpu = max(cfg["cpt.global_batch_size"] // max(cfg["launch.gpus"], 1), 1)
-            fit = largest_fitting_mbs(params, seq, smallest.vram_bytes, min(per_gpu, mbs))
+            fit = largest_fitting_mbs(params, seq, smallest.vram_bytes, min(per_gpu, mbs),
+                                      functools.partial(cpt_memory_bytes, loss_chunk_tokens=cfg["cpt.loss_chunk_tokens"]))
             est["suggested_mbs"] = fit
             fix = (f"make cpt MBS={fit}" if fit else
                    "even micro-batch 1 does not fit: a GPU with more memory, or shorter cpt.seq_length")
@@ -385,6 +455,8 @@ def _check_wandb(r: Report, cfg: Config) -> None:
 
 
 def _check_data(r: Report, cfg: Config) -> None:
+    from jacpt import data as data_mod
+
     tok = data_mod.tokenizer_dir(cfg)
     if tok.is_dir():
         r.add("ok", "tokenizer", str(tok))
@@ -400,7 +472,172 @@ def _check_data(r: Report, cfg: Config) -> None:
         r.add("warn", "data", f"{manifest} missing: run make data PROFILE={cfg.profile}")
 
 
-def run(cfg: Config) -> Report:
+# ----------------------------------------------------------------------------- one stage
+
+def stage_need_bytes(cfg: Config, stage: str) -> tuple[int, str]:
+    """(bytes, what they are): the free space `make <stage>` needs in its directory (data: the data dir, else runs)."""
+    from jacpt import data as data_mod
+
+    p = model_params(cfg)
+    if stage == "data":
+        if (data_mod.out_dir(cfg) / data_mod.MANIFEST).is_file():
+            return 0, "built already; a re-run with unchanged inputs writes nothing"
+        src = cfg["data.source"]
+        why = ("the ja_wiki download and its tokens" if src == "llmjp" else "the sample's tokens" if src == "sample"
+               else f"a clean copy of {src} and its tokens")
+        return data_need_bytes(cfg), why
+    if stage == "import":
+        return CKPT_BYTES_PER_PARAM * p, "one NeMo checkpoint"
+    if stage == "cpt":
+        k = cfg["cpt.save_top_k"]
+        return (1 + k) * CKPT_BYTES_PER_PARAM * p, (f"{1 + k} checkpoints with optimizer state: the last + "
+                                                    f"cpt.save_top_k={k}")
+    if stage == "lora":
+        ckpt = CKPT_BYTES_PER_PARAM * p * min(1.0, LORA_ADAPTER_SHARE_PER_DIM * cfg["lora.dim"]) + CKPT_CONTEXT_BYTES
+        return int(LORA_CKPTS_KEPT * ckpt), f"{LORA_CKPTS_KEPT} adapter checkpoints: the last + the best"
+    if stage == "export":
+        return EXPORT_BYTES_PER_PARAM * p, "two HF models in bf16: CPT and LoRA-merged"
+    return 0, "a run directory of small files"  # demo, eval
+
+
+def _stage_gpu(r: Report, cfg: Config, gpus: list[Gpu], stage: str) -> None:
+    """One line. No CUDA GPU is fatal only for training on a GPU profile: data, import and export run on the CPU;
+    the demo and eval fall back to transformers on the CPU (generate.py / evaluate.py pick the device)."""
+    r.gpus = [asdict(g) for g in gpus]
+    if gpus:
+        kinds: dict[tuple, int] = {}
+        for g in gpus:
+            key = (g.name, g.vram_bytes, g.capability, g.driver)
+            kinds[key] = kinds.get(key, 0) + 1
+        r.add("ok", "gpu", "; ".join(f"{n} x {name}, {vram / 2**30:.1f} GiB, compute {cap or '?'}, driver {drv or '?'}"
+                                     for (name, vram, cap, drv), n in kinds.items()))
+        if stage in TRAIN_STAGES and r.versions.get("Transformer Engine") == "absent":
+            r.add("warn", "transformer-engine", TE_ABSENT_ON_GPU)
+        return
+    seen = _gpus_seen_by_smi()
+    if stage in TRAIN_STAGES and needs_gpu(cfg):
+        if cfg["launch.executor"] == "slurm":
+            r.add("warn", "gpu", f"no CUDA GPU on this host{seen}: not fatal with launch.executor=slurm (the job runs "
+                                 "on the Slurm nodes; this host only submits it), so GPU memory is not checked here")
+        else:
+            r.add("FAIL", "gpu", f"no CUDA GPU{seen}: make {stage} on PROFILE={cfg.profile} needs a GPU; use "
+                                 "PROFILE=tiny-cpu or run in the container on a GPU box")
+    elif stage in TRAIN_STAGES:
+        r.add("ok", "gpu", f"no CUDA GPU{seen} (not needed: {cfg.profile} runs on the CPU)")
+    elif stage == "demo":
+        r.add("warn" if needs_gpu(cfg) else "ok", "gpu",
+              f"no CUDA GPU{seen}: not fatal, the demo generates with transformers on the CPU (float32) from the "
+              f"exported HF models, so make export PROFILE={cfg.profile} must have run; NeMo's generation from the "
+              "checkpoints needs CUDA")
+    elif stage == "eval":
+        r.add("warn" if needs_gpu(cfg) else "ok", "gpu",
+              f"no CUDA GPU{seen}: not fatal, eval runs transformers on the CPU in float32 (slower than bf16 on a "
+              "GPU; the same models and data)")
+    else:
+        r.add("ok", "gpu", f"no CUDA GPU{seen} (not needed: make {stage} runs on the CPU)")
+
+
+def _stage_memory_and_time(r: Report, cfg: Config, gpus: list[Gpu], stage: str) -> None:
+    """CPT or LoRA on this box's smallest GPU: the memory estimate (fatal when above it) and the time."""
+    if not gpus:
+        return
+    label = {"cpt": "CPT", "lora": "LoRA"}[stage]
+    memory = functools.partial(cpt_memory_bytes if stage == "cpt" else lora_memory_bytes,
+                               loss_chunk_tokens=cfg[f"{stage}.loss_chunk_tokens"])
+    params, mbs, seq = model_params(cfg), cfg[f"{stage}.micro_batch_size"], cfg[f"{stage}.seq_length"]
+    need, smallest = memory(params, mbs, seq), min(gpus, key=lambda g: g.vram_bytes)
+    est = r.estimates
+    est.update({"params": params, f"{stage}_memory_bytes": need})
+    detail = f"{label} ~{_gb(need)} per GPU at micro-batch {mbs} x seq {seq} ({params:,} params; an estimate)"
+    if need > smallest.vram_bytes:
+        per_gpu = max(cfg[f"{stage}.global_batch_size"] // max(cfg["launch.gpus"], 1), 1)
+        fit = largest_fitting_mbs(params, seq, smallest.vram_bytes, min(per_gpu, mbs), memory)
+        est["suggested_mbs"] = fit
+        knob = f"make cpt MBS={fit}" if stage == "cpt" else f'make lora OVERRIDES="lora.micro_batch_size={fit}"'
+        fix = knob if fit else ("even micro-batch 1 does not fit: a GPU with more memory, or a shorter "
+                                f"{stage}.seq_length")
+        r.add("FAIL", "memory", f"{detail}; above {smallest.name}'s {_gb(smallest.vram_bytes)}: {fix}")
+    else:
+        r.add("ok", "memory", f"{detail}; fits {smallest.name}'s {_gb(smallest.vram_bytes)}")
+    if is_tiny(cfg):
+        return  # the measured rates are the 0.5B model's
+    tps, source = tokens_per_s(smallest.name, mbs)
+    if tps is None:
+        r.add("warn", "time", source)
+        return
+    tps *= (MEASURED_LORA_FACTOR if stage == "lora" else 1) * cfg["launch.gpus"] * cfg["launch.nodes"]
+    tokens = cfg[f"{stage}.max_steps"] * cfg[f"{stage}.global_batch_size"] * seq
+    est.update({f"{stage}_tokens": tokens, f"{stage}_tokens_per_s": tps, f"{stage}_seconds": tokens / tps,
+                "tokens_per_s_source": source})
+    r.add("ok", "time", f"{label} ~{_duration(tokens / tps)} ({tokens:,} tokens at {tps:,.0f} tokens/s, {source}; "
+                        "excluding start-up, validation and checkpoints)")
+
+
+def _stage_disk(r: Report, cfg: Config, stage: str) -> None:
+    """The stage's directory: writable (fatal), and its free space against the stage's need (fatal when short)."""
+    what, d, var = ("data", paths.data_dir(), "JACPT_DATA_DIR") if stage == "data" else \
+        ("runs", runs.runs_root(), "JACPT_RUNS_DIR")
+    need, why = stage_need_bytes(cfg, stage)
+    free, ok = shutil.disk_usage(_existing(d)).free, writable(d)
+    r.disk = {what: {"dir": str(d), "need_bytes": need, "free_bytes": free, "writable": ok}}
+    if not ok:
+        r.add("FAIL", f"{what} dir", f"{d} is not writable: fix its permissions, or point {var} elsewhere")
+    if need > free:
+        r.add("FAIL", "disk", f"make {stage} needs ~{_gb(need)} free in {d} ({why}), has {_gb(free)}: free space "
+                              f"or point {var} at a larger disk")
+    elif need:
+        r.add("ok", "disk", f"~{_gb(need)} needed in {d} ({why}), {_gb(free)} free")
+    else:
+        r.add("ok", "disk", f"{d}: {why}; {_gb(free)} free")
+
+
+def _stage_data(r: Report, cfg: Config, stage: str) -> None:
+    """data: the tokenizer it needs (fatal when absent) and the manifest's state (never fatal: it builds it).
+    cpt, lora, eval: the manifest they read (fatal when absent)."""
+    from jacpt import data as data_mod
+
+    manifest = data_mod.out_dir(cfg) / data_mod.MANIFEST
+    if stage in READS_DATA:
+        if manifest.is_file():
+            r.add("ok", "data", str(manifest))
+        else:
+            r.add("FAIL", "data", f"{manifest} missing: make {stage} reads the tokenised data; run make data "
+                                  f"PROFILE={cfg.profile} first")
+        return
+    tok = data_mod.tokenizer_dir(cfg)
+    if tok.is_dir():
+        r.add("ok", "tokenizer", str(tok))
+    elif cfg["tokenizer.dir"]:
+        r.add("FAIL", "tokenizer", f"{tok} does not exist (tokenizer.dir): point TOKENIZER_DIR at a Qwen2.5 "
+                                   "tokenizer directory, or unset it for the embedded one")
+    else:
+        r.add("FAIL", "tokenizer", f"{tok} not built yet: run make assets (the make data target builds it first)")
+    r.add("ok", "data", f"{manifest} exists; rebuilt only if its inputs changed" if manifest.is_file() else
+          f"{manifest} not built yet: this stage builds it")
+
+
+def run_stage(cfg: Config, stage: str) -> Report:
+    """The checks `make <stage>` depends on; only they can fail it. See the module docstring."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+    r = Report(cfg.profile, stage=stage)
+    gpus = discover_gpus()
+    _add_versions(r)
+    _stage_gpu(r, cfg, gpus, stage)
+    if stage in TRAIN_STAGES:
+        _stage_memory_and_time(r, cfg, gpus, stage)
+    _stage_disk(r, cfg, stage)
+    if stage in LOGS_WANDB:
+        _check_wandb(r, cfg)
+    if stage == "data" or stage in READS_DATA:
+        _stage_data(r, cfg, stage)
+    return r
+
+
+def run(cfg: Config, stage: str | None = None) -> Report:
+    """The whole profile's checks, or (with a stage) only those that stage depends on."""
+    if stage is not None:
+        return run_stage(cfg, stage)
     r = Report(cfg.profile)
     gpus = discover_gpus()
     _check_versions(r, gpus)

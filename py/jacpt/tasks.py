@@ -1,25 +1,30 @@
 """Task functions the NeMo-Run recipes call inside the launched process (a fresh interpreter).
 
 They apply the kit's compatibility layer there, where it is needed (it is a no-op in the NeMo
-container), then hand over to NeMo's own `llm.pretrain` / `llm.finetune`.
+container), route the loss through chunks when `loss_chunk_tokens` > 0 (jacpt/chunked_loss.py),
+then hand over to NeMo's own `llm.pretrain` / `llm.finetune`.
 """
 
 from __future__ import annotations
 
 
-def pretrain(model, data, trainer, log=None, resume=None, optim=None):
-    from jacpt import nemo_compat
+def _prepare(loss_chunk_tokens: int) -> None:
+    from jacpt import chunked_loss, log, nemo_compat
 
     nemo_compat.apply()
+    if chunked_loss.install(loss_chunk_tokens):
+        log(f"output layer + cross entropy in chunks of {loss_chunk_tokens} tokens")
+
+
+def pretrain(model, data, trainer, log=None, resume=None, optim=None, loss_chunk_tokens: int = 0):
+    _prepare(loss_chunk_tokens)
     from nemo.collections import llm
 
     return llm.pretrain(model=model, data=data, trainer=trainer, log=log, resume=resume, optim=optim)
 
 
-def finetune(model, data, trainer, log=None, resume=None, optim=None, peft=None):
-    from jacpt import nemo_compat
-
-    nemo_compat.apply()
+def finetune(model, data, trainer, log=None, resume=None, optim=None, peft=None, loss_chunk_tokens: int = 0):
+    _prepare(loss_chunk_tokens)
     from nemo.collections import llm
 
     return llm.finetune(model=model, data=data, trainer=trainer, log=log, resume=resume, optim=optim, peft=peft)

@@ -117,6 +117,7 @@ def _common(recipe, cfg: Config, section: str, run_dir: Path) -> None:
     recipe.trainer.log_every_n_steps = s["log_every_n_steps"]
     recipe.trainer.strategy.ckpt_async_save = False  # async saves leave -unfinished checkpoints (NeMo #14293)
     recipe.trainer.callbacks = list(recipe.trainer.callbacks or []) + hygiene_callbacks(cfg, section, run_dir)
+    recipe.loss_chunk_tokens = s["loss_chunk_tokens"]  # an argument of jacpt.tasks.pretrain/finetune
 
     recipe.log.log_dir = str(run_dir)
     recipe.log.name = section
@@ -188,6 +189,25 @@ def build_cpt(cfg: Config, run_dir: Path, imported: runs.Run, manifest: dict):
     return recipe
 
 
+def lora_validation_gate(manifest: dict, global_batch_size: int) -> None:
+    """Validation runs in whole global batches: with fewer examples than one, NeMo runs no validation, so
+    there is no val_loss, no early stopping and no checkpoint at the end (seen with the sample corpus)."""
+    n = (manifest["lora"].get("examples") or {}).get("validation.jsonl")
+    if n is not None and n < global_batch_size:
+        raise StageError(f"the LoRA validation set ({manifest['lora']['dir_path']}/validation.jsonl) has {n} "
+                         f"examples, fewer than one global batch (lora.global_batch_size={global_batch_size}): no "
+                         "validation would run and no checkpoint would be saved. Fix: a smaller global batch, "
+                         f"e.g. OVERRIDES=\"lora.global_batch_size={_fitting_batch(n)}\", or more validation examples "
+                         "(data.lora_max_eval, or a larger corpus)")
+
+
+def _fitting_batch(n: int) -> int:
+    b = 1
+    while b * 2 <= n:
+        b *= 2
+    return b
+
+
 def build_lora(cfg: Config, run_dir: Path, cpt: runs.Run, manifest: dict):
     import fiddle as fdl
     import nemo_run as run
@@ -198,6 +218,7 @@ def build_lora(cfg: Config, run_dir: Path, cpt: runs.Run, manifest: dict):
 
     ckpt = cpt.dir / cpt.outputs()["checkpoint"]
     c = cfg.section("lora")
+    lora_validation_gate(manifest, c["global_batch_size"])
     gpus, nodes = cfg["launch.gpus"], cfg["launch.nodes"] if cfg["launch.executor"] == "slurm" else 1
     recipe = llm.qwen25_500m.finetune_recipe(dir=str(run_dir), name="lora", num_nodes=nodes,
                                              num_gpus_per_node=gpus, peft_scheme="lora")

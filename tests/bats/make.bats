@@ -119,12 +119,28 @@ kmake() { make --no-print-directory -C "$KIT_ROOT" "$@"; }
   assert_success
 }
 
-@test "training stages run the preflight first, except in a dry run" {
-  run kmake -n cpt
+@test "every stage runs its own preflight first, with the overrides, except in a dry run" {
+  local stage
+  for stage in data import cpt lora export demo eval; do
+    run kmake -n "$stage" PROFILE=h100-80g OVERRIDES='wandb.mode=disabled'
+    assert_success
+    assert_output --regexp "jacpt.cli preflight --stage ${stage} +wandb.mode=disabled +>&2 && .*jacpt.cli ${stage} "
+    run kmake -n "$stage" DRY_RUN=1
+    assert_success
+    refute_output --partial 'preflight'
+  done
+  run kmake -n preflight
   assert_success
-  assert_output --regexp 'jacpt.cli preflight +>&2 && .*jacpt.cli cpt'
-  run kmake -n lora PROFILE=h100-80g
-  assert_output --regexp 'jacpt.cli preflight +>&2 && .*jacpt.cli lora'
-  run kmake -n cpt DRY_RUN=1
-  refute_output --partial 'preflight'
+  assert_output --regexp 'jacpt.cli preflight *$'
+  refute_output --partial -- '--stage'
+}
+
+@test "a stage stops at a failed preflight, which names the fix, before the stage runs" {
+  export JACPT_RUNS_DIR=${WORK}/runs
+  run kmake cpt PROFILE=tiny-cpu
+  assert_failure
+  assert_output --partial "${JACPT_DATA_DIR}/tiny-cpu/data_manifest.json missing: make cpt reads the tokenised data; run make data PROFILE=tiny-cpu first"
+  assert_output --partial 'FAIL  preflight  not ready for make cpt PROFILE=tiny-cpu: fix the FAIL line above'
+  refute_output --partial 'no data for profile' # the stage's own error: it never started
+  [[ ! -e ${JACPT_RUNS_DIR} ]]
 }

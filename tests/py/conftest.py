@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,44 @@ def make_hf_chain(root: Path, tiny_model_dir: Path, export: bool = True, lora_sa
         if not lora_same_as_cpt:
             perturbed_copy(tiny_model_dir, d / "hf" / "lora", seed=2)
     return root
+
+
+# ----------------------------------------------------------------------------- Megatron modules in-process
+
+@pytest.fixture(scope="module")
+def megatron_tp1(tmp_path_factory):
+    """A one-process model-parallel world, as Megatron's modules expect; torn down afterwards."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    own = not dist.is_initialized()
+    if own:  # a file rendezvous: no port to collide with another process
+        store = tmp_path_factory.mktemp("dist") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+    if own:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def no_cuda_rng(monkeypatch):
+    """What Megatron's stock modules take from CUDA, on the CPU, where these comparisons run (GPU or not).
+
+    Core attention forks the model-parallel CUDA RNG tracker around its (p=0) dropout: nothing random happens at
+    p=0, so a null context is exact. Its score buffer comes from a global buffer on the current CUDA
+    device: a plain CPU tensor of the same shape instead. Without a mask it builds the causal one
+    on "cuda": the same triangle on the CPU.
+    """
+    import megatron.core.fusions.fused_softmax as fs
+    import torch
+    from megatron.core import parallel_state, tensor_parallel
+
+    monkeypatch.setattr(fs, "get_default_causal_mask",
+                        lambda sq: torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1))
+
+    tracker = types.SimpleNamespace(fork=lambda *a, **k: contextlib.nullcontext())
+    buffer = types.SimpleNamespace(get_tensor=lambda shape, dtype, name: torch.empty(shape, dtype=dtype))
+    monkeypatch.setattr(tensor_parallel, "get_cuda_rng_tracker", lambda: tracker)
+    monkeypatch.setattr(parallel_state, "get_global_memory_buffer", lambda: buffer)

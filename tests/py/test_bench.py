@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from jacpt import bench, paths
+from jacpt import bench, config, paths
 from jacpt.cli import cli
 
 RESULTS = paths.KIT_ROOT / "bench" / "results"
@@ -65,6 +65,20 @@ def test_the_plan_prepares_first_and_measures_levers_at_one_micro_batch(tmp_path
     assert full[0]["checkpoint"] is True and [c["kind"] for c in full] == ["prep", "lora", "gen"]
 
 
+def test_whole_logits_is_swept_like_the_kit_and_sets_the_loss_chunk(tmp_path):
+    plan = bench.cases(["cpt", "lora"], [4, 8], ["whole-logits", "kit", "sdpa"], 20, 10, tmp_path, 4, ["bf16"])
+    names = [c["name"] for c in plan[1:]]
+    assert names == ["cpt-whole-logits-mbs4", "cpt-whole-logits-mbs8", "cpt-kit-mbs4", "cpt-kit-mbs8",
+                     "cpt-sdpa-mbs4", "lora-mbs4", "lora-whole-logits-mbs4"]
+    by = {c["name"]: c for c in plan}
+    assert by["cpt-whole-logits-mbs8"]["task"] == {"loss_chunk_tokens": 0}
+    assert by["cpt-sdpa-mbs4"]["task"] == {"loss_chunk_tokens": 0}  # the earlier levers were measured so
+    assert by["cpt-kit-mbs4"]["task"] == {}
+    assert bench._loss_chunk(by["cpt-kit-mbs4"], "cpt") == config.KEYS["cpt.loss_chunk_tokens"].default > 0
+    assert bench._loss_chunk(by["lora-whole-logits-mbs4"], "lora") == 0
+    assert "loss_chunk_tokens=0" in bench.plan_text(plan, 989.0)
+
+
 def test_the_committed_results_are_consistent_and_render():
     """The JSON BENCHMARKS.md cites: its summary is what `collect` makes of its cases, and it renders."""
     files = sorted(p for p in RESULTS.glob("*-nvidia-*.json") if "levers" not in p.name)
@@ -109,7 +123,7 @@ def test_bench_rejects_unknown_parts():
     assert r.exit_code == 2 and "choose from hf, cpt, lora, gen" in r.output
     r = CliRunner().invoke(cli, ["bench", "--mbs", "4,x"])
     assert r.exit_code == 2 and "comma-separated integers" in r.output
-    assert set(bench.LEVERS) == {"kit", "local", "sdpa", "sdpa+adamw+swiglu"}
+    assert set(bench.LEVERS) == {"kit", "whole-logits", "local", "sdpa", "sdpa+adamw+swiglu"}
 
 
 def test_benchmarks_md_cites_the_committed_figures():

@@ -60,6 +60,23 @@ def test_loss_gate_checks_only_the_first_step_and_can_be_off():
     callbacks.LossGate(0).on_train_batch_end(trainer(1), None, torch.tensor(11.9), None, 0)
 
 
+@pytest.mark.parametrize("n_val, gbs, ok", [(8, 32, False), (8, 8, True), (200, 32, True), (31, 32, False)])
+def test_lora_validation_gate_needs_one_global_batch_of_examples(n_val, gbs, ok):
+    # NeMo validates in whole global batches: fewer examples than one means no val_loss and no checkpoint
+    # (seen with the sample corpus under a real profile's global batch of 32).
+    manifest = {"lora": {"dir_path": "/d/lora", "examples": {"training.jsonl": 144, "validation.jsonl": n_val}}}
+    if ok:
+        train.lora_validation_gate(manifest, gbs)
+        return
+    with pytest.raises(train.StageError) as e:
+        train.lora_validation_gate(manifest, gbs)
+    msg = str(e.value)
+    assert f"/d/lora/validation.jsonl) has {n_val} examples" in msg and f"lora.global_batch_size={gbs}" in msg
+    assert 'OVERRIDES="lora.global_batch_size=' in msg
+    suggested = int(msg.split('OVERRIDES="lora.global_batch_size=')[1].split('"')[0])
+    assert suggested <= n_val and gbs % suggested == 0
+
+
 def test_tokenizer_gate_names_both_sides():
     manifest = {"tokenizer": {"dir": "/data/tok", "fingerprint": "a" * 64}}
     train.tokenizer_gate(manifest, "a" * 64, "the import")

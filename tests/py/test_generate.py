@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_hf_chain, write_run
+from conftest import make_hf_chain, perturbed_copy, write_run
 
 from jacpt import config, generate, runs, train
 
@@ -254,6 +254,46 @@ def test_worker_process_answers_like_the_in_process_generator(tiny_model_dir, tm
         worker.close()
     assert worker.proc.returncode == 1
     assert "Traceback" in (tmp_path / "worker.log").read_text(encoding="utf-8")
+
+
+def test_workers_started_together_answer_like_one_at_a_time(tiny_model_dir, tmp_path):
+    """The demo's CUDA path (run_workers) with transformers workers on the CPU: three models, three
+    processes started at once; each model's answers are those it gives alone, in the plan's order."""
+    s = {"max_new_tokens": 4, "temperature": 0.0, "top_p": 0.9, "seed": 1234, "greedy": True}
+    models = {"base": tiny_model_dir, "cpt": perturbed_copy(tiny_model_dir, tmp_path / "cpt", seed=1),
+              "lora": perturbed_copy(tiny_model_dir, tmp_path / "lora", seed=2)}
+    alone = {k: [a.text for a in generate.HFGenerator(d, s).generate(PROMPTS)] for k, d in models.items()}
+    assert alone["base"] != alone["cpt"] != alone["lora"]  # distinct models, so a mix-up would show
+    p = {"prompts": PROMPTS, "settings": s, "device": "cpu", "backend": "nemo", "profile": "tiny-cpu",
+         "models": [{"key": k, "label": k, "path": str(d), "run": str(tmp_path)} for k, d in models.items()]}
+    doc, kept = generate.run_workers(p, tmp_path / "run", keep=False, backend="hf")
+    assert kept == {}
+    assert [m["key"] for m in doc["models"]] == ["base", "cpt", "lora"]
+    for i, prompt in enumerate(PROMPTS):
+        assert doc["results"][i]["prompt"] == prompt
+        assert {k: a["text"] for k, a in doc["results"][i]["answers"].items()} == {k: v[i] for k, v in alone.items()}
+    for m in doc["models"]:
+        assert m["startup_s"] >= m["load_s"] > 0 and m["new_tokens"] > 0
+        assert (tmp_path / "run" / f"worker-{m['key']}.log").is_file()
+
+
+def test_a_failing_worker_stops_the_others(tiny_model_dir, tmp_path):
+    s = {"max_new_tokens": 4, "temperature": 0.0, "top_p": 0.9, "seed": 1234, "greedy": True}
+    p = {"prompts": PROMPTS, "settings": s, "device": "cpu", "backend": "nemo", "profile": "tiny-cpu",
+         "models": [{"key": "base", "label": "base", "path": str(tiny_model_dir), "run": "-"},
+                    {"key": "cpt", "label": "CPT", "path": str(tmp_path / "missing"), "run": "-"}]}
+    procs = []
+    real = generate.WorkerGenerator.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        procs.append(self.proc)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generate.WorkerGenerator, "__init__", spy)
+        with pytest.raises(train.StageError, match=r"hf worker for .*missing failed"):
+            generate.run_workers(p, tmp_path / "run", keep=False, backend="hf")
+    assert len(procs) == 2 and all(pr.poll() is not None for pr in procs)  # none left running
 
 
 def test_worker_entry_point_without_arguments_prints_usage():

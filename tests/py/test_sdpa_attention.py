@@ -7,9 +7,6 @@ gradients of all three inputs must agree to fp32 rounding.
 
 from __future__ import annotations
 
-import contextlib
-import types
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -17,44 +14,6 @@ torch = pytest.importorskip("torch")
 from jacpt import nemo_compat  # noqa: E402
 
 HEADS, GROUPS, HEAD_DIM = 14, 2, 64
-
-
-@pytest.fixture(scope="module")
-def megatron_tp1(tmp_path_factory):
-    """A one-process model-parallel world, as Megatron's modules expect; torn down afterwards."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    own = not dist.is_initialized()
-    if own:  # a file rendezvous: no port to collide with another process
-        store = tmp_path_factory.mktemp("dist") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if own:
-        dist.destroy_process_group()
-
-
-@pytest.fixture
-def no_cuda_rng(monkeypatch):
-    """What the stock module takes from CUDA, on the CPU, where these comparisons run (GPU or not).
-
-    It forks the model-parallel CUDA RNG tracker around its (p=0) dropout: nothing random happens at
-    p=0, so a null context is exact. Its score buffer comes from a global buffer on the current CUDA
-    device: a plain CPU tensor of the same shape instead. Without a mask it builds the causal one
-    on "cuda": the same triangle on the CPU.
-    """
-    import megatron.core.fusions.fused_softmax as fs
-    from megatron.core import parallel_state, tensor_parallel
-
-    monkeypatch.setattr(fs, "get_default_causal_mask",
-                        lambda sq: torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1))
-
-    tracker = types.SimpleNamespace(fork=lambda *a, **k: contextlib.nullcontext())
-    buffer = types.SimpleNamespace(get_tensor=lambda shape, dtype, name: torch.empty(shape, dtype=dtype))
-    monkeypatch.setattr(tensor_parallel, "get_cuda_rng_tracker", lambda: tracker)
-    monkeypatch.setattr(parallel_state, "get_global_memory_buffer", lambda: buffer)
 
 
 def _config(layer_scaling: bool = False):

@@ -1,0 +1,179 @@
+"""The output layer and the cross entropy together, a chunk of tokens at a time.
+
+Qwen2.5's vocabulary is 151,936 wide. Megatron-Core's GPTModel computes the logits of every token
+of the micro-batch at once (megatron/core/models/gpt/gpt_model.py:389, `self.output_layer(...)`,
+in megatron-core 0.12.3). Its cross entropy then upcasts them to fp32 and keeps the fp32 softmax for
+the backward pass (language_module.py:83-97, then fusions/fused_cross_entropy.py or
+tensor_parallel/cross_entropy.py). With the bf16 gradient and the fp32 temporaries that is ~1.5 MB a
+token, the largest activation of a Qwen2.5-0.5B step: at 8 x 2048 tokens on an H100, 50.9 GiB peak
+against 31.6 GiB in chunks of 4,096 tokens (BENCHMARKS.md).
+
+Here the forward pass computes the logits of `chunk` tokens at a time and keeps only each token's
+log-sum-exp. The backward pass computes each chunk's logits again (one more output-layer matmul,
+~8% of a step's FLOPs) and turns them into the gradients straight away. The logits are never whole,
+and on CUDA the softmax arithmetic of a chunk is one compiled kernel, not a chain of fp32 copies.
+
+The loss is the same per-token loss Megatron returns ([b, s], fp32; NeMo's loss reduction masks and
+averages it as before); tests/py/test_chunked_loss.py checks values and gradients against
+torch's own cross entropy on full logits.
+
+`install(chunk)` wraps GPTModel.forward: a call with labels, on the last pipeline stage, without
+tensor or sequence parallelism (the vocabulary is not split) and without multi-token prediction
+goes through the chunks; every other call (generation, `labels=None`) runs Megatron's code as is.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+_CHUNK = 0  # tokens per chunk; set by install()
+
+
+def _forward_chunk(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-sum-exp and loss of one chunk of [tokens, vocab] logits (fp32 arithmetic)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    return lse, lse - x.gather(1, target.unsqueeze(1)).squeeze(1)
+
+
+def _backward_chunk(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
+                    grad: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits of one chunk, (softmax - one_hot(target)) * grad, in the logits' dtype."""
+    p = torch.exp(logits.float() - lse.unsqueeze(1))
+    hit = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0) == target.unsqueeze(1)
+    return ((p - hit.float()) * grad.unsqueeze(1)).to(logits.dtype)
+
+
+@functools.cache
+def _kernels(device_type: str):
+    """(forward, backward) chunk functions: compiled into fused kernels on CUDA, eager elsewhere."""
+    if device_type == "cuda":
+        return (torch.compile(_forward_chunk, dynamic=False),
+                torch.compile(_backward_chunk, dynamic=False))
+    return _forward_chunk, _backward_chunk
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """loss[t] = logsumexp(h[t] @ W.T) - (h[t] @ W.T)[y[t]], computed `chunk` tokens at a time.
+
+    hidden: [..., H] (Megatron's [s, b, H]); weight: [V, H]; target: hidden's leading shape;
+    returns fp32 per-token losses of target's shape.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk):
+        fwd, _ = _kernels(hidden.device.type)
+        h = hidden.reshape(-1, hidden.shape[-1])
+        y = target.reshape(-1)
+        if y.shape[0] != h.shape[0]:
+            raise ValueError(f"{h.shape[0]} hidden states but {y.shape[0]} targets")
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        loss = torch.empty_like(lse)
+        for i in range(0, h.shape[0], chunk):
+            lse[i:i + chunk], loss[i:i + chunk] = fwd(h[i:i + chunk] @ weight.t(), y[i:i + chunk])
+        ctx.save_for_backward(hidden, weight, target, lse)
+        ctx.chunk = chunk
+        return loss.view(target.shape)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, target, lse = ctx.saved_tensors
+        _, bwd = _kernels(hidden.device.type)
+        chunk = ctx.chunk
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        h = hidden.reshape(-1, hidden.shape[-1])
+        y = target.reshape(-1)
+        g = grad_loss.reshape(-1).float()
+        grad_h = torch.empty_like(h) if need_h else None
+        # The weight's gradient is summed over chunks in fp32 (Megatron's single matmul sums in the
+        # tensor cores' fp32 accumulator), then cast once.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for i in range(0, h.shape[0], chunk):
+            hc = h[i:i + chunk]
+            d = bwd(hc @ weight.t(), lse[i:i + chunk], y[i:i + chunk], g[i:i + chunk])
+            if need_h:
+                torch.mm(d, weight, out=grad_h[i:i + chunk])
+            if need_w:
+                if grad_w.dtype == d.dtype:
+                    grad_w.addmm_(d.t(), hc)
+                else:
+                    grad_w.add_(d.t() @ hc)
+        return (grad_h.view(hidden.shape) if need_h else None,
+                grad_w.to(weight.dtype) if need_w else None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         chunk: int) -> torch.Tensor:
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 token, not {chunk}")
+    return LinearCrossEntropy.apply(hidden, weight, target, chunk)
+
+
+class _Deferred:
+    """What the output layer hands on instead of logits inside a chunked call: its input and weight."""
+
+    __slots__ = ("hidden", "weight")
+
+    def __init__(self, hidden, weight):
+        self.hidden, self.weight = hidden, weight
+
+
+def _deferred_output(layer, input_, weight=None, runtime_gather_output=None):
+    # ColumnParallelLinear.forward's signature (tensor_parallel/layers.py); the output layer has no bias.
+    return _Deferred(input_, layer.weight if weight is None else weight), None
+
+
+def eligible(model) -> bool:
+    """Whether a GPTModel's loss can be computed in chunks: the whole vocabulary on this rank, no
+    bias, no multi-token prediction, no deferred embedding wgrad, no config logger."""
+    from megatron.core import parallel_state
+    from megatron.core.config_logger import has_config_logger_enabled
+
+    cfg = model.config
+    return (model.post_process and not getattr(model, "mtp_process", False)
+            and parallel_state.get_tensor_model_parallel_world_size() == 1 and not cfg.sequence_parallel
+            and getattr(model.output_layer, "bias", None) is None
+            and not getattr(cfg, "defer_embedding_wgrad_compute", False)
+            and not has_config_logger_enabled(cfg))
+
+
+def install(chunk: int) -> bool:
+    """Route GPTModel's training and validation loss through chunks of `chunk` tokens (0: leave
+    Megatron's code alone). Idempotent; a later call changes the chunk. Returns whether active."""
+    global _CHUNK
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    if chunk < 0:
+        raise ValueError(f"loss_chunk_tokens must be >= 0, not {chunk}")
+    _CHUNK = chunk
+    if chunk == 0 or getattr(GPTModel.forward, "_jacpt_chunked", False):
+        return chunk > 0
+    forward, compute_loss = GPTModel.forward, GPTModel.compute_language_model_loss
+    sig = inspect.signature(forward)
+
+    @functools.wraps(forward)
+    def chunked_forward(self, *args, **kwargs):
+        if _CHUNK == 0 or sig.bind(self, *args, **kwargs).arguments.get("labels") is None or not eligible(self):
+            return forward(self, *args, **kwargs)
+        layer = self.output_layer
+        layer.forward = functools.partial(_deferred_output, layer)  # shadows the class's forward for this call
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            del layer.forward
+
+    @functools.wraps(compute_loss)
+    def chunked_loss(self, labels, logits):
+        if not isinstance(logits, _Deferred):
+            return compute_loss(self, labels, logits)
+        # labels [b, s]; hidden [s, b, H]; Megatron returns the loss as [b, s].
+        loss = linear_cross_entropy(logits.hidden, logits.weight, labels.transpose(0, 1), _CHUNK)
+        return loss.transpose(0, 1).contiguous()
+
+    chunked_forward._jacpt_chunked = True
+    GPTModel.forward = chunked_forward
+    GPTModel.compute_language_model_loss = chunked_loss
+    return True
