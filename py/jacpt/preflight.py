@@ -48,7 +48,7 @@ TINY_PARAMS = 9_798_208
 CPT_BYTES_PER_PARAM = 18
 CKPT_BYTES_PER_PARAM = 16  # weights, main weights and Adam moments (14), rounded up for metadata and slack
 LORA_BYTES_PER_PARAM = 2  # frozen bf16 weights; the adapters and their state are ~1% of that
-EXPORT_BYTES_PER_PARAM = 2 * 2  # two HF exports (CPT, LoRA-merged) in bf16
+EXPORT_BYTES_PER_PARAM = 3 * 2  # two HF exports (CPT, LoRA-merged) and the merged NeMo checkpoint, bf16
 ACT_BYTES_PER_TOKEN = 1.26 * MB  # flat per token; attention's share is small with flash attention
 WHOLE_LOGITS_ACT_BYTES_PER_TOKEN = 2.8 * MB  # the same with the loss not chunked (2.78 measured)
 CHUNK_BYTES_PER_LOGIT = 7  # one chunk's bf16 logits, their gradient and the kernels' scratch
@@ -496,7 +496,7 @@ def stage_need_bytes(cfg: Config, stage: str) -> tuple[int, str]:
         ckpt = CKPT_BYTES_PER_PARAM * p * min(1.0, LORA_ADAPTER_SHARE_PER_DIM * cfg["lora.dim"]) + CKPT_CONTEXT_BYTES
         return int(LORA_CKPTS_KEPT * ckpt), f"{LORA_CKPTS_KEPT} adapter checkpoints: the last + the best"
     if stage == "export":
-        return EXPORT_BYTES_PER_PARAM * p, "two HF models in bf16: CPT and LoRA-merged"
+        return EXPORT_BYTES_PER_PARAM * p, "two HF models (CPT, LoRA-merged) and the merged NeMo checkpoint, bf16"
     return 0, "a run directory of small files"  # demo, eval
 
 
