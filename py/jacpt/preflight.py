@@ -289,8 +289,8 @@ def data_need_bytes(cfg: Config) -> int:
 
 
 def runs_need_bytes(cfg: Config) -> int:
-    p = model_params(cfg)
-    return (1 + cfg["cpt.save_top_k"]) * CKPT_BYTES_PER_PARAM * p + EXPORT_BYTES_PER_PARAM * p
+    """The whole chain's runs: what each stage writing under the runs dir needs (stage_need_bytes), added up."""
+    return sum(stage_need_bytes(cfg, s)[0] for s in ("import", "cpt", "lora", "export"))
 
 
 def _gb(b: float) -> str:
@@ -367,11 +367,31 @@ def _check_gpus(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
                              "container on a GPU box")
 
 
+def _memory_of(cfg: Config, stage: str):
+    """The stage's memory estimate as a function of (params, micro-batch, seq), with the stage's loss chunk."""
+    return functools.partial(cpt_memory_bytes if stage == "cpt" else lora_memory_bytes,
+                             loss_chunk_tokens=cfg[f"{stage}.loss_chunk_tokens"])
+
+
+def _memory_verdict(r: Report, cfg: Config, stage: str, need: float, smallest: Gpu, detail: str) -> None:
+    """ok when `need` fits the smallest GPU; else FAIL with the largest micro-batch that fits (or why none does)."""
+    if need <= smallest.vram_bytes:
+        r.add("ok", "memory", f"{detail}; fits {smallest.name}'s {_gb(smallest.vram_bytes)}")
+        return
+    mbs, seq = cfg[f"{stage}.micro_batch_size"], cfg[f"{stage}.seq_length"]
+    per_gpu = max(cfg[f"{stage}.global_batch_size"] // max(cfg["launch.gpus"], 1), 1)
+    fit = largest_fitting_mbs(model_params(cfg), seq, smallest.vram_bytes, min(per_gpu, mbs), _memory_of(cfg, stage))
+    r.estimates["suggested_mbs"] = fit
+    knob = f"make cpt MBS={fit}" if stage == "cpt" else f'make lora OVERRIDES="lora.micro_batch_size={fit}"'
+    fix = knob if fit else ("even micro-batch 1 does not fit: a GPU with more memory, or a shorter "
+                            f"{stage}.seq_length")
+    r.add("FAIL", "memory", f"{detail}; above {smallest.name}'s {_gb(smallest.vram_bytes)}: {fix}")
+
+
 def _check_memory_and_time(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
     params, mbs, seq = model_params(cfg), cfg["cpt.micro_batch_size"], cfg["cpt.seq_length"]
-    cpt_mem = cpt_memory_bytes(params, mbs, seq, cfg["cpt.loss_chunk_tokens"])
-    lora_mem = lora_memory_bytes(params, cfg["lora.micro_batch_size"], cfg["lora.seq_length"],
-                                 cfg["lora.loss_chunk_tokens"])
+    cpt_mem = _memory_of(cfg, "cpt")(params, mbs, seq)
+    lora_mem = _memory_of(cfg, "lora")(params, cfg["lora.micro_batch_size"], cfg["lora.seq_length"])
     cpt_tokens = cfg["cpt.max_steps"] * cfg["cpt.global_batch_size"] * seq
     lora_tokens = cfg["lora.max_steps"] * cfg["lora.global_batch_size"] * cfg["lora.seq_length"]
     est = r.estimates
@@ -385,17 +405,7 @@ def _check_memory_and_time(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
     detail = (f"CPT ~{_gb(cpt_mem)} per GPU at micro-batch {mbs} x seq {seq} ({params:,} params); "
               f"LoRA ~{_gb(lora_mem)} (estimates)")
     if gpus:
-        smallest = min(gpus, key=lambda g: g.vram_bytes)
-        if cpt_mem > smallest.vram_bytes:
-            per_gpu = max(cfg["cpt.global_batch_size"] // max(cfg["launch.gpus"], 1), 1)
-            fit = largest_fitting_mbs(params, seq, smallest.vram_bytes, min(per_gpu, mbs),
-                                      functools.partial(cpt_memory_bytes, loss_chunk_tokens=cfg["cpt.loss_chunk_tokens"]))
-            est["suggested_mbs"] = fit
-            fix = (f"make cpt MBS={fit}" if fit else
-                   "even micro-batch 1 does not fit: a GPU with more memory, or shorter cpt.seq_length")
-            r.add("FAIL", "memory", f"{detail}; above {smallest.name}'s {_gb(smallest.vram_bytes)}: {fix}")
-        else:
-            r.add("ok", "memory", f"{detail}; fits {smallest.name}'s {_gb(smallest.vram_bytes)}")
+        _memory_verdict(r, cfg, "cpt", cpt_mem, min(gpus, key=lambda g: g.vram_bytes), detail)
     elif not is_tiny(cfg):
         r.add("warn", "memory", f"{detail}; no GPU here to compare with")
     if is_tiny(cfg):
@@ -454,7 +464,9 @@ def _check_wandb(r: Report, cfg: Config) -> None:
     r.estimates["wandb_mode"] = resolved
 
 
-def _check_data(r: Report, cfg: Config) -> None:
+def _check_tokenizer(r: Report, cfg: Config, unbuilt: str, build: str) -> None:
+    """The tokenizer dir: a set tokenizer.dir that does not exist is always FAIL; the embedded one not built
+    yet is `unbuilt` (warn for the whole profile, FAIL for make data, which reads it), fixed by `build`."""
     from jacpt import data as data_mod
 
     tok = data_mod.tokenizer_dir(cfg)
@@ -464,7 +476,13 @@ def _check_data(r: Report, cfg: Config) -> None:
         r.add("FAIL", "tokenizer", f"{tok} does not exist (tokenizer.dir): point TOKENIZER_DIR at a Qwen2.5 "
                                    "tokenizer directory, or unset it for the embedded one")
     else:
-        r.add("warn", "tokenizer", f"{tok} not built yet: make assets (make data builds it too)")
+        r.add(unbuilt, "tokenizer", f"{tok} not built yet: {build}")
+
+
+def _check_data(r: Report, cfg: Config) -> None:
+    from jacpt import data as data_mod
+
+    _check_tokenizer(r, cfg, "warn", "make assets (make data builds it too)")
     manifest = data_mod.out_dir(cfg) / data_mod.MANIFEST
     if manifest.is_file():
         r.add("ok", "data", str(manifest))
@@ -542,23 +560,12 @@ def _stage_memory_and_time(r: Report, cfg: Config, gpus: list[Gpu], stage: str) 
     if not gpus:
         return
     label = {"cpt": "CPT", "lora": "LoRA"}[stage]
-    memory = functools.partial(cpt_memory_bytes if stage == "cpt" else lora_memory_bytes,
-                               loss_chunk_tokens=cfg[f"{stage}.loss_chunk_tokens"])
     params, mbs, seq = model_params(cfg), cfg[f"{stage}.micro_batch_size"], cfg[f"{stage}.seq_length"]
-    need, smallest = memory(params, mbs, seq), min(gpus, key=lambda g: g.vram_bytes)
+    need, smallest = _memory_of(cfg, stage)(params, mbs, seq), min(gpus, key=lambda g: g.vram_bytes)
     est = r.estimates
     est.update({"params": params, f"{stage}_memory_bytes": need})
     detail = f"{label} ~{_gb(need)} per GPU at micro-batch {mbs} x seq {seq} ({params:,} params; an estimate)"
-    if need > smallest.vram_bytes:
-        per_gpu = max(cfg[f"{stage}.global_batch_size"] // max(cfg["launch.gpus"], 1), 1)
-        fit = largest_fitting_mbs(params, seq, smallest.vram_bytes, min(per_gpu, mbs), memory)
-        est["suggested_mbs"] = fit
-        knob = f"make cpt MBS={fit}" if stage == "cpt" else f'make lora OVERRIDES="lora.micro_batch_size={fit}"'
-        fix = knob if fit else ("even micro-batch 1 does not fit: a GPU with more memory, or a shorter "
-                                f"{stage}.seq_length")
-        r.add("FAIL", "memory", f"{detail}; above {smallest.name}'s {_gb(smallest.vram_bytes)}: {fix}")
-    else:
-        r.add("ok", "memory", f"{detail}; fits {smallest.name}'s {_gb(smallest.vram_bytes)}")
+    _memory_verdict(r, cfg, stage, need, smallest, detail)
     if is_tiny(cfg):
         return  # the measured rates are the 0.5B model's
     tps, source = tokens_per_s(smallest.name, mbs)
@@ -604,14 +611,7 @@ def _stage_data(r: Report, cfg: Config, stage: str) -> None:
             r.add("FAIL", "data", f"{manifest} missing: make {stage} reads the tokenised data; run make data "
                                   f"PROFILE={cfg.profile} first")
         return
-    tok = data_mod.tokenizer_dir(cfg)
-    if tok.is_dir():
-        r.add("ok", "tokenizer", str(tok))
-    elif cfg["tokenizer.dir"]:
-        r.add("FAIL", "tokenizer", f"{tok} does not exist (tokenizer.dir): point TOKENIZER_DIR at a Qwen2.5 "
-                                   "tokenizer directory, or unset it for the embedded one")
-    else:
-        r.add("FAIL", "tokenizer", f"{tok} not built yet: run make assets (the make data target builds it first)")
+    _check_tokenizer(r, cfg, "FAIL", "run make assets (the make data target builds it first)")
     r.add("ok", "data", f"{manifest} exists; rebuilt only if its inputs changed" if manifest.is_file() else
           f"{manifest} not built yet: this stage builds it")
 

@@ -193,19 +193,14 @@ def lora_validation_gate(manifest: dict, global_batch_size: int) -> None:
     """Validation runs in whole global batches: with fewer examples than one, NeMo runs no validation, so
     there is no val_loss, no early stopping and no checkpoint at the end (seen with the sample corpus)."""
     n = (manifest["lora"].get("examples") or {}).get("validation.jsonl")
-    if n is not None and n < global_batch_size:
-        raise StageError(f"the LoRA validation set ({manifest['lora']['dir_path']}/validation.jsonl) has {n} "
-                         f"examples, fewer than one global batch (lora.global_batch_size={global_batch_size}): no "
-                         "validation would run and no checkpoint would be saved. Fix: a smaller global batch, "
-                         f"e.g. OVERRIDES=\"lora.global_batch_size={_fitting_batch(n)}\", or more validation examples "
-                         "(data.lora_max_eval, or a larger corpus)")
-
-
-def _fitting_batch(n: int) -> int:
-    b = 1
-    while b * 2 <= n:
-        b *= 2
-    return b
+    if n is None or n >= global_batch_size:
+        return
+    smaller = (f"a smaller global batch, e.g. OVERRIDES=\"lora.global_batch_size={1 << (n.bit_length() - 1)}\" (the "
+               "largest power of two it can fill), or " if n else "")
+    raise StageError(f"the LoRA validation set ({manifest['lora']['dir_path']}/validation.jsonl) has {n} "
+                     f"examples, fewer than one global batch (lora.global_batch_size={global_batch_size}): no "
+                     f"validation would run and no checkpoint would be saved. Fix: {smaller}more validation "
+                     "examples (data.lora_max_eval, or a larger corpus)")
 
 
 def build_lora(cfg: Config, run_dir: Path, cpt: runs.Run, manifest: dict):

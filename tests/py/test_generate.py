@@ -277,7 +277,7 @@ def test_workers_started_together_answer_like_one_at_a_time(tiny_model_dir, tmp_
         assert (tmp_path / "run" / f"worker-{m['key']}.log").is_file()
 
 
-def test_a_failing_worker_stops_the_others(tiny_model_dir, tmp_path):
+def test_a_failing_worker_stops_the_others(tiny_model_dir, tmp_path, monkeypatch):
     s = {"max_new_tokens": 4, "temperature": 0.0, "top_p": 0.9, "seed": 1234, "greedy": True}
     p = {"prompts": PROMPTS, "settings": s, "device": "cpu", "backend": "nemo", "profile": "tiny-cpu",
          "models": [{"key": "base", "label": "base", "path": str(tiny_model_dir), "run": "-"},
@@ -289,10 +289,9 @@ def test_a_failing_worker_stops_the_others(tiny_model_dir, tmp_path):
         real(self, *a, **k)
         procs.append(self.proc)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generate.WorkerGenerator, "__init__", spy)
-        with pytest.raises(train.StageError, match=r"hf worker for .*missing failed"):
-            generate.run_workers(p, tmp_path / "run", keep=False, backend="hf")
+    monkeypatch.setattr(generate.WorkerGenerator, "__init__", spy)
+    with pytest.raises(train.StageError, match=r"hf worker for .*missing failed"):
+        generate.run_workers(p, tmp_path / "run", keep=False, backend="hf")
     assert len(procs) == 2 and all(pr.poll() is not None for pr in procs)  # none left running
 
 
