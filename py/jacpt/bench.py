@@ -52,7 +52,8 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
                ("RTX A6000", 154.8), ("L4", 121.0), ("RTX 4090", 165.2), ("A10", 125.0))
 LEVERS = {
     # name: (environment of the case, model-config overrides, arguments of the task function).
-    # "kit" is what `make cpt` runs: SDPA, fused AdamW, loss in chunks of cpt.loss_chunk_tokens.
+    # "kit" is what `make cpt` runs: SDPA, fused AdamW, loss in chunks of cpt.loss_chunk_tokens, compiled RoPE,
+    # the gradient norm in multi-tensor ops. "megatron-rope[+norm]" bring back Megatron-Core's own RoPE (and norm).
     "local": ({"JACPT_NO_TE_ATTENTION": "local", "JACPT_NO_TE_ADAMW": "foreach"}, {"bias_activation_fusion": False},
               {"loss_chunk_tokens": 0}),
     "sdpa": ({"JACPT_NO_TE_ATTENTION": "sdpa", "JACPT_NO_TE_ADAMW": "foreach"}, {"bias_activation_fusion": False},
@@ -60,9 +61,12 @@ LEVERS = {
     "sdpa+adamw+swiglu": ({"JACPT_NO_TE_ATTENTION": "sdpa", "JACPT_NO_TE_ADAMW": "fused"},
                           {"bias_activation_fusion": True}, {"loss_chunk_tokens": 0}),
     "whole-logits": ({}, {}, {"loss_chunk_tokens": 0}),
+    "megatron-rope+norm": ({"JACPT_NO_TE_ROPE": "eager", "JACPT_NO_TE_MULTI_TENSOR": "megatron"}, {}, {}),
+    "megatron-rope": ({"JACPT_NO_TE_ROPE": "eager"}, {}, {}),
     "kit": ({}, {}, {}),
 }
-SWEEP_VARIANTS = ("kit", "whole-logits")  # measured at every --mbs; the others at --lever-mbs only
+SWEEP_VARIANTS = ("kit", "whole-logits", "megatron-rope+norm", "megatron-rope")  # at every --mbs; the
+# others at --lever-mbs only
 
 GEN_PROMPTS = ("日本の首都は", "富士山について説明してください。", "機械学習とは")
 
@@ -367,8 +371,13 @@ def run_gen(case: dict) -> dict:
     s = {"max_new_tokens": 256, "greedy": True, "seed": 1234, "temperature": 1.0, "top_p": 0.0}
     gen = NemoGenerator(Path(case["work"]) / "ckpt", s, device="cuda")
     load_s = gen.load_s
+    # Warm-up: CUDA kernels, the KV-cache allocation and the compiled kernels of both shapes timed below
+    # (batched, and each prompt alone).
     gen.s = {**s, "max_new_tokens": 16}
-    gen.generate(list(GEN_PROMPTS))  # warm-up: CUDA kernels, KV-cache allocation
+    gen.generate(list(GEN_PROMPTS))
+    gen.s = {**s, "max_new_tokens": 4}
+    for p in GEN_PROMPTS:
+        gen.generate([p])
     gen.s = s
     t0 = time.perf_counter()
     batched = gen.generate(list(GEN_PROMPTS))
@@ -462,10 +471,11 @@ def cases(only: list[str], mbs: list[int], variants: list[str], steps: int, warm
             for m in (mbs if v in SWEEP_VARIANTS else [lora_mbs]):
                 out.append({**base, "name": f"cpt-{v}-mbs{m}", "kind": "cpt", "variant": v, "mbs": m, "env": env,
                             "model": model, "task": task})
-    if "lora" in only:
-        for v in [v for v in SWEEP_VARIANTS if v == "kit" or v in variants]:
+    if "lora" in only:  # the kit, and each variant that changes no model field (LoRA loads its checkpoint's)
+        for v in ["kit"] + [v for v in variants if v != "kit" and not LEVERS[v][1]]:
             name = f"lora-mbs{lora_mbs}" if v == "kit" else f"lora-{v}-mbs{lora_mbs}"
-            out.append({**base, "name": name, "kind": "lora", "variant": v, "mbs": lora_mbs, "task": LEVERS[v][2]})
+            out.append({**base, "name": name, "kind": "lora", "variant": v, "mbs": lora_mbs, "env": LEVERS[v][0],
+                        "task": LEVERS[v][2]})
     if "gen" in only:
         out.append({**base, "name": "gen", "kind": "gen"})
     return out

@@ -245,9 +245,11 @@ def _choice_list(choices):
 @click.option("--variants", default="kit",
               callback=_choice_list(tuple(bench_levers())),
               help="CPT set-ups without Transformer Engine: kit (what make cpt runs: SDPA, fused AdamW, loss in "
-                   "chunks) and whole-logits (the kit with Megatron's whole-logits loss; also adds a LoRA case) at "
-                   "every --mbs; the levers (local = Megatron's stock attention and AdamW, sdpa = torch AdamW, "
-                   "sdpa+adamw+swiglu = + fused AdamW and SwiGLU fusion; all three whole-logits) at --lever-mbs")
+                   "chunks, compiled RoPE, multi-tensor grad norm), whole-logits (the kit with Megatron's "
+                   "whole-logits loss), megatron-rope (Megatron's unfused RoPE) and megatron-rope+norm (and its "
+                   "per-tensor grad norm) at every --mbs, each also adding a LoRA case; the levers (local = "
+                   "Megatron's stock attention and AdamW, sdpa = torch AdamW, sdpa+adamw+swiglu = + fused AdamW and "
+                   "SwiGLU fusion; all three whole-logits) at --lever-mbs")
 @click.option("--lever-mbs", default=4, type=click.IntRange(1), help="micro-batch of the lever variants and LoRA")
 @click.option("--hf-modes", default="bf16,amp", callback=_choice_list(("bf16", "amp")),
               help="transformers baseline: pure bf16 weights, and/or fp32 master weights + autocast")

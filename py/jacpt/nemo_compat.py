@@ -59,8 +59,10 @@ def apply() -> list[str]:
     if cond["no_te"]:
         _patch_lora_te_guard()
         _patch_local_core_attention()
+        _patch_multi_tensor_fallbacks()
         if not cond["cpu"]:
             _patch_fused_adamw()
+            _patch_compiled_rope()
     if cond["cpu"]:
         _patch_cpu()
     return APPLIED
@@ -147,7 +149,10 @@ def _sdpa_class():
     from megatron.core.transformer.module import MegatronModule
     from megatron.core.utils import divide
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     gqa_kw = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+    NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
     class SDPAttention(MegatronModule):
         """Core attention through torch.nn.functional.scaled_dot_product_attention.
@@ -190,11 +195,20 @@ def _sdpa_class():
                     k = k.repeat_interleave(self.heads // self.groups, dim=1)
                     v = v.repeat_interleave(self.heads // self.groups, dim=1)
             causal = mask_type == AttnMaskType.causal and sq == key.shape[0] and sq > 1
-            mask = None if causal or attention_mask is None else ~attention_mask
+            # A single causal query (a generation step against the KV cache) sees every cached key: its
+            # mask row is all False. Without a mask SDPA can take the flash kernel.
+            decode = mask_type == AttnMaskType.causal and sq == 1
+            mask = None if causal or decode or attention_mask is None else ~attention_mask
             p = self.dropout if self.training else 0.0
             if p > 0 and not self.config.sequence_parallel:
                 with tensor_parallel.get_cuda_rng_tracker().fork():
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
+                                                         scale=self.scale, **kw)
+            elif q.is_cuda and not torch.is_grad_enabled():
+                # Generation: each step has a new key length, and cuDNN's attention builds an execution
+                # plan for every new shape (tens of ms each, measured on an H100); the other kernels do not.
+                with sdpa_kernel(NO_CUDNN):
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                          scale=self.scale, **kw)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
@@ -252,6 +266,88 @@ def _patch_fused_adamw() -> None:
     if mopt.Adam is torch.optim.AdamW:
         mopt.Adam = functools.partial(torch.optim.AdamW, fused=True)
         _note("megatron optimizer: torch AdamW(fused=True)")
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron.core.utils.local_multi_tensor_l2_norm without its host syncs: same arguments and result."""
+    import torch
+
+    norms = torch._foreach_norm(tensor_lists[0], 2.0)
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """megatron.core.utils.local_multi_tensor_scale in one multi-tensor call: dst = src * scale."""
+    import torch
+
+    src, dst = tensor_lists
+    if scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    elif all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+MULTI_TENSOR_ENV = "JACPT_NO_TE_MULTI_TENSOR"  # "foreach" (default) or "megatron" (its per-tensor fallbacks)
+
+
+def _env_choice(name: str, default: str, choices: dict[str, str]) -> str:
+    import os
+
+    choice = os.environ.get(name, default)
+    if choice not in choices:
+        raise ValueError(f"{name}={choice!r}: use " + " or ".join(f"'{k}' ({v})" for k, v in choices.items()))
+    return choice
+
+
+def _patch_multi_tensor_fallbacks() -> None:
+    # Without TE or apex, megatron/core/optimizer/clip_grads.py:35-43 and optimizer.py:31-37 fall back to
+    # megatron/core/utils.py:909 (local_multi_tensor_l2_norm) and :921 (local_multi_tensor_scale). The norm
+    # turns every parameter's gradient norm into a Python float (`torch.tensor(l2)` of CUDA scalars, :915):
+    # one host-device sync per parameter, ~200 a step for Qwen2.5-0.5B, each one draining the GPU's queue.
+    # The scale copies main params to model params one tensor at a time through a temporary (`src * 1.0`).
+    # torch's multi-tensor (_foreach) ops do the same arithmetic without syncs.
+    if _env_choice(MULTI_TENSOR_ENV, "foreach", {"foreach": "torch's multi-tensor ops, the default",
+                                                 "megatron": "Megatron-Core's per-tensor fallbacks"}) == "megatron":
+        return
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer
+    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
+
+    if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+        _note("megatron grad norm: torch._foreach_norm (no per-parameter sync)")
+    for mod in (clip_grads, optimizer):
+        if mod.multi_tensor_scale_impl is local_multi_tensor_scale:
+            mod.multi_tensor_scale_impl = _foreach_scale
+            _note(f"megatron {mod.__name__.rsplit('.', 1)[1]} multi-tensor scale: torch._foreach ops")
+
+
+ROPE_ENV = "JACPT_NO_TE_ROPE"  # "compiled" (default) or "eager" (Megatron-Core's unfused RoPE as is)
+
+
+def _patch_compiled_rope() -> None:
+    # RoPE without a fused kernel: megatron/core/models/common/embeddings/rope_utils.py:192 takes the fused
+    # kernel only with apply_rope_fusion, which needs TE or apex (:21-29, transformer_config.py:911-926).
+    # The unfused path (:89-117, _apply_rotary_pos_emb_bshd) is ~10 elementwise kernels per call, twice a
+    # layer (query and key), with cos/sin recomputed each time; compiled, it is one kernel forward and one
+    # backward (+9% CPT tokens/s at micro-batch 16 on an H100, BENCHMARKS.md). apply_rotary_pos_emb looks
+    # the function up in the module at each call, so replacing the module attribute is enough.
+    if _env_choice(ROPE_ENV, "compiled", {"compiled": "one compiled kernel, the default",
+                                          "eager": "Megatron-Core's unfused RoPE"}) == "eager":
+        return
+    import megatron.core.models.common.embeddings.rope_utils as rope_utils
+    import torch
+
+    fn = rope_utils._apply_rotary_pos_emb_bshd
+    if rope_utils.fused_apply_rotary_pos_emb is not None or getattr(fn, "_jacpt_compiled", False):
+        return
+    compiled = torch.compile(fn)
+    compiled._jacpt_compiled = True
+    compiled.__wrapped__ = fn
+    rope_utils._apply_rotary_pos_emb_bshd = compiled
+    _note("rotary embedding: torch.compile'd (no fused RoPE without TE)")
 
 
 # The local (non-TE) layer spec keeps the RMSNorms as separate modules; NeMo's Qwen2 connectors

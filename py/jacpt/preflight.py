@@ -37,10 +37,11 @@ QWEN25_05B_PARAMS = 494_032_768
 TINY_PARAMS = 9_798_208
 
 # Memory and throughput of Qwen2.5-0.5B (tied), seq 2048, bf16, one H100 without Transformer Engine, the
-# kit's own path (SDPA attention, fused AdamW, loss in chunks of 4,096 tokens): `make bench`, BENCHMARKS.md
-# and bench/results/2026-11-22-nvidia-h100-80gb-hbm3.json. Peak allocated memory was 22.0 / 31.6 / 50.9 GiB
-# at micro-batch 4 / 8 / 16. The constant is the training state, 18 bytes per parameter (bf16 weights 2 + fp32
-# main weights 4 + Adam m and v 8 + the fp32 gradient buffer 4, distributed optimizer off), plus one chunk's
+# kit's own path (SDPA attention, fused AdamW, loss in chunks of 4,096 tokens, compiled RoPE, the gradient
+# norm without syncs): `make bench`, BENCHMARKS.md and bench/results/2026-11-22-nvidia-h100-80gb-hbm3.json.
+# Peak allocated memory was 22.0 / 31.6 / 50.9 GiB at micro-batch 4 / 8 / 16. The constant is the training
+# state, 18 bytes per parameter (bf16 weights 2 + fp32 main weights 4 + Adam m and v 8 + the fp32 gradient
+# buffer 4, distributed optimizer off), plus one chunk's
 # logits and their gradient (~7 bytes per logit, 4.4 GB at 4,096 tokens); the slope is 1.26 MB per token.
 # With the loss not chunked (loss_chunk_tokens=0) the whole micro-batch's logits and fp32 softmax stay: 29.6 /
 # 50.9 GiB at micro-batch 4 / 8, 2.78 MB per token and no chunk term. A saved checkpoint carries the state
@@ -55,12 +56,12 @@ CHUNK_BYTES_PER_LOGIT = 7  # one chunk's bf16 logits, their gradient and the ker
 VOCAB = 151_936
 CUDA_CONTEXT_BYTES = 2 * GB  # CUDA context, cuBLAS workspaces and allocator slack, not in the peak above
 
-# Tokens/s measured at each CPT micro-batch (same run); between them the rate is interpolated, below them
+# Tokens/s measured at each CPT micro-batch (one machine, one lease); between them the rate is interpolated, below them
 # proportional, past them the largest. Other GPUs scale by dense bf16 peak (an estimate, and labelled so).
-# LoRA (loss in chunks too) ran at 0.74x CPT's rate at micro-batch 4 (NeMo's adapters add kernels on the
-# full base backward).
-MEASURED_TOKENS_PER_S = {4: 56_200, 8: 77_526, 16: 92_479}
-MEASURED_LORA_FACTOR = 0.74
+# LoRA (loss in chunks too) ran at 0.92x CPT's rate at micro-batch 4 and 0.91x at 16 (NeMo's adapters add
+# GEMMs and elementwise passes around every wrapped layer, against the frozen base's saved weight gradients).
+MEASURED_TOKENS_PER_S = {4: 57_645, 8: 74_400, 16: 97_999}
+MEASURED_LORA_FACTOR = 0.91
 MEASURED_PEAK = 989e12
 MEASURED_SOURCE = "measured on an H100 without TE (make bench, BENCHMARKS.md)"
 

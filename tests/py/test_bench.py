@@ -66,11 +66,15 @@ def test_the_plan_prepares_first_and_measures_levers_at_one_micro_batch(tmp_path
 
 
 def test_whole_logits_is_swept_like_the_kit_and_sets_the_loss_chunk(tmp_path):
-    plan = bench.cases(["cpt", "lora"], [4, 8], ["whole-logits", "kit", "sdpa"], 20, 10, tmp_path, 4, ["bf16"])
+    plan = bench.cases(["cpt", "lora"], [4, 8], ["whole-logits", "kit", "sdpa", "megatron-rope"], 20, 10, tmp_path,
+                       4, ["bf16"])
     names = [c["name"] for c in plan[1:]]
+    # sdpa changes a model field, which LoRA (loading its checkpoint's config) cannot: no LoRA case for it.
     assert names == ["cpt-whole-logits-mbs4", "cpt-whole-logits-mbs8", "cpt-kit-mbs4", "cpt-kit-mbs8",
-                     "cpt-sdpa-mbs4", "lora-mbs4", "lora-whole-logits-mbs4"]
+                     "cpt-sdpa-mbs4", "cpt-megatron-rope-mbs4", "cpt-megatron-rope-mbs8", "lora-mbs4",
+                     "lora-whole-logits-mbs4", "lora-megatron-rope-mbs4"]
     by = {c["name"]: c for c in plan}
+    assert by["lora-megatron-rope-mbs4"]["env"] == by["cpt-megatron-rope-mbs8"]["env"] == {"JACPT_NO_TE_ROPE": "eager"}
     assert by["cpt-whole-logits-mbs8"]["task"] == {"loss_chunk_tokens": 0}
     assert by["cpt-sdpa-mbs4"]["task"] == {"loss_chunk_tokens": 0}  # the earlier levers were measured so
     assert by["cpt-kit-mbs4"]["task"] == {}
@@ -123,7 +127,8 @@ def test_bench_rejects_unknown_parts():
     assert r.exit_code == 2 and "choose from hf, cpt, lora, gen" in r.output
     r = CliRunner().invoke(cli, ["bench", "--mbs", "4,x"])
     assert r.exit_code == 2 and "comma-separated integers" in r.output
-    assert set(bench.LEVERS) == {"kit", "whole-logits", "local", "sdpa", "sdpa+adamw+swiglu"}
+    assert set(bench.LEVERS) == {"kit", "whole-logits", "local", "sdpa", "sdpa+adamw+swiglu", "megatron-rope",
+                                "megatron-rope+norm"}
 
 
 def test_benchmarks_md_cites_the_committed_figures():

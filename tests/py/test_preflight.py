@@ -99,7 +99,7 @@ def test_mbs_too_large_for_the_gpu_fails_with_the_largest_that_fits(env, monkeyp
     mem = next(c for c in out["checks"] if c["what"] == "memory")
     assert mem["status"] == "FAIL" and "make cpt MBS=4" in mem["detail"]
     # the time estimate scales the measured H100 figure (at the profile's mbs) by bf16 peak, labelled an estimate
-    assert out["estimates"]["tokens_per_s"] == pytest.approx(92_479 * 364.2 / 989)
+    assert out["estimates"]["tokens_per_s"] == pytest.approx(97_999 * 364.2 / 989)
     assert "estimate" in out["estimates"]["tokens_per_s_source"]
 
 
@@ -109,9 +109,9 @@ def test_h100_fits_and_uses_the_measured_throughput(env, monkeypatch):
     r = invoke("--profile", "h100-80g", "--json")
     out = json.loads(r.output)
     assert {c["what"]: c["status"] for c in out["checks"]}["memory"] == "ok"
-    assert out["estimates"]["tokens_per_s"] == pytest.approx(92_479) and "measured" in out["estimates"]["tokens_per_s_source"]
-    assert out["estimates"]["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 92_479)
-    assert out["estimates"]["lora_tokens_per_s"] == pytest.approx(0.74 * 56_200)  # lora mbs 4
+    assert out["estimates"]["tokens_per_s"] == pytest.approx(97_999) and "measured" in out["estimates"]["tokens_per_s_source"]
+    assert out["estimates"]["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 97_999)
+    assert out["estimates"]["lora_tokens_per_s"] == pytest.approx(0.91 * 57_645)  # lora mbs 4
     if out["versions"]["Transformer Engine"] == "absent":
         assert {c["what"]: c["status"] for c in out["checks"]}["transformer-engine"] == "warn"
 
@@ -394,10 +394,10 @@ def test_training_stage_time_estimate_is_the_stages_own(built, monkeypatch):
     manifest(built, "h100-80g")
     monkeypatch.setattr(preflight, "discover_gpus", lambda: [preflight.Gpu("NVIDIA H100 80GB HBM3", 80 * GIB)])
     cpt = json.loads(stage("cpt", "--profile", "h100-80g", "--json").output)["estimates"]
-    assert cpt["cpt_tokens_per_s"] == pytest.approx(92_479) and "lora_seconds" not in cpt
-    assert cpt["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 92_479)
+    assert cpt["cpt_tokens_per_s"] == pytest.approx(97_999) and "lora_seconds" not in cpt
+    assert cpt["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 97_999)
     lora = json.loads(stage("lora", "--profile", "h100-80g", "--json").output)["estimates"]
-    assert lora["lora_tokens_per_s"] == pytest.approx(0.74 * 56_200) and "cpt_seconds" not in lora
+    assert lora["lora_tokens_per_s"] == pytest.approx(0.91 * 57_645) and "cpt_seconds" not in lora
 
 
 def test_a_stage_block_is_short_and_the_full_report_is_unchanged(built):

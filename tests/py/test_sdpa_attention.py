@@ -73,6 +73,20 @@ def test_a_decode_step_attends_to_every_cached_key(megatron_tp1, no_cuda_rng):
     assert torch.allclose(got[0], want[0], atol=2e-5, rtol=1e-4)
 
 
+def test_a_decode_step_runs_without_a_mask(megatron_tp1, no_cuda_rng, monkeypatch):
+    # The one causal query's mask row is all False, so SDPA gets no mask (and may take the flash kernel).
+    import torch.nn.functional as F
+
+    _, sdpa = _pair(_config())
+    q, k, v = _qkv(1, 20, 2, seed=2)
+    sdpa_fn, seen = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(kw) or sdpa_fn(*a, **kw))
+    with torch.no_grad():
+        sdpa(q, k, v, torch.zeros(1, 1, 1, 20, dtype=torch.bool))
+    assert seen and seen[0]["attn_mask"] is None and seen[0]["is_causal"] is False
+
+
 def test_a_padding_mask_is_applied_when_not_causal(megatron_tp1, no_cuda_rng):
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -140,3 +154,21 @@ def test_bf16_on_cuda_matches_and_saves_memory(megatron_tp1):
     (stock_mem, want), (sdpa_mem, got) = peaks
     assert (got[0].float() - want[0].float()).abs().max() < 2e-2
     assert sdpa_mem < stock_mem / 2, (sdpa_mem, stock_mem)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the generation path of SDPA)")
+def test_bf16_decode_steps_on_cuda_match_the_stock_module(megatron_tp1):
+    # Generation: no autograd, one query against a growing cache, a new key length every step.
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    cfg = _config()
+    cfg.bf16 = True
+    stock, sdpa = (m.cuda().eval() for m in _pair(cfg))
+    with torch.no_grad():
+        for sk in (7, 8, 300):
+            q, k, v = (t.detach().cuda().bfloat16() for t in _qkv(1, sk, 3, seed=sk))
+            mask = torch.zeros(1, 1, 1, sk, dtype=torch.bool, device="cuda")
+            want, got = stock(q, k, v, mask), sdpa(q, k, v, mask)
+            assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2), (got - want).abs().max()
