@@ -63,10 +63,12 @@ LEVERS = {
     "whole-logits": ({}, {}, {"loss_chunk_tokens": 0}),
     "megatron-rope+norm": ({"JACPT_NO_TE_ROPE": "eager", "JACPT_NO_TE_MULTI_TENSOR": "megatron"}, {}, {}),
     "megatron-rope": ({"JACPT_NO_TE_ROPE": "eager"}, {}, {}),
+    "unfused-lora": ({}, {}, {"fused_lora_update": False}),
     "kit": ({}, {}, {}),
 }
 SWEEP_VARIANTS = ("kit", "whole-logits", "megatron-rope+norm", "megatron-rope")  # at every --mbs; the
 # others at --lever-mbs only
+LORA_ONLY = ("unfused-lora",)  # no CPT case: what they change is LoRA's
 
 GEN_PROMPTS = ("日本の首都は", "富士山について説明してください。", "機械学習とは")
 
@@ -259,6 +261,8 @@ def run_lora(case: dict) -> dict:
     recipe.trainer.strategy.ddp = "megatron"
     recipe.resume = run.Config(nl.AutoResume, restore_config=run.Config(nl.RestoreConfig, path=str(ckpt)))
     recipe.loss_chunk_tokens = _loss_chunk(case, "lora")
+    recipe.fused_lora_update = case.get("task", {}).get("fused_lora_update",
+                                                        kit_config.KEYS["lora.fused_update"].default)
     _trim(recipe, case, out)
     fdl.build(recipe)()
     return json.loads(out.read_text(encoding="utf-8"))
@@ -466,7 +470,7 @@ def cases(only: list[str], mbs: list[int], variants: list[str], steps: int, warm
     if "hf" in only:
         out.append({**base, "name": "hf", "kind": "hf", "mbs_list": mbs, "modes": hf_modes})
     if "cpt" in only:
-        for v in variants:
+        for v in [v for v in variants if v not in LORA_ONLY]:
             env, model, task = LEVERS[v]
             for m in (mbs if v in SWEEP_VARIANTS else [lora_mbs]):
                 out.append({**base, "name": f"cpt-{v}-mbs{m}", "kind": "cpt", "variant": v, "mbs": m, "env": env,

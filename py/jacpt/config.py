@@ -173,6 +173,8 @@ KEYS: dict[str, Key] = {
     "lora.loss_chunk_tokens": Key(int, 4096, "output layer + cross entropy this many tokens at a time: the "
                                   "151,936-wide logits are never whole (jacpt/chunked_loss.py); 0: Megatron's "
                                   "whole-logits path, ~1.2 MB more a token", check=_nonneg),
+    "lora.fused_update": Key(bool, True, "add the adapters' scaled update to each layer's output inside their "
+                             "matmul (jacpt/lora_update.py); false: NeMo's separate scale and add"),
     "lora.dim": Key(int, 32, "adapter rank; trainable parameters grow linearly with it", check=_positive),
     "lora.alpha": Key(int, 32, "adapter scale (alpha/dim multiplies the update)", check=_positive),
     "lora.dropout": Key(float, 0.0, "dropout on the adapter input", check=_unit),

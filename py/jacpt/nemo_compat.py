@@ -195,18 +195,17 @@ def _sdpa_class():
                     k = k.repeat_interleave(self.heads // self.groups, dim=1)
                     v = v.repeat_interleave(self.heads // self.groups, dim=1)
             causal = mask_type == AttnMaskType.causal and sq == key.shape[0] and sq > 1
-            # A single causal query (a generation step against the KV cache) sees every cached key: its
-            # mask row is all False. Without a mask SDPA can take the flash kernel.
-            decode = mask_type == AttnMaskType.causal and sq == 1
-            mask = None if causal or decode or attention_mask is None else ~attention_mask
+            mask = None if causal or attention_mask is None else ~attention_mask
             p = self.dropout if self.training else 0.0
             if p > 0 and not self.config.sequence_parallel:
                 with tensor_parallel.get_cuda_rng_tracker().fork():
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
                                                          scale=self.scale, **kw)
             elif q.is_cuda and not torch.is_grad_enabled():
-                # Generation: each step has a new key length, and cuDNN's attention builds an execution
-                # plan for every new shape (tens of ms each, measured on an H100); the other kernels do not.
+                # Generation: a decode step (one query, no mask: attention.py:270-273 switches to no_mask
+                # after the prompt) has a new key length each time, and SDPA's first choice on Hopper,
+                # cuDNN's attention, builds an execution plan for every new shape (tens of ms each on an
+                # H100); flash and memory-efficient attention do not.
                 with sdpa_kernel(NO_CUDNN):
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                          scale=self.scale, **kw)

@@ -1,8 +1,9 @@
 """Task functions the NeMo-Run recipes call inside the launched process (a fresh interpreter).
 
 They apply the kit's compatibility layer there, where it is needed (it is a no-op in the NeMo
-container), route the loss through chunks when `loss_chunk_tokens` > 0 (jacpt/chunked_loss.py),
-then hand over to NeMo's own `llm.pretrain` / `llm.finetune`.
+container), route the loss through chunks when `loss_chunk_tokens` > 0 (jacpt/chunked_loss.py), fuse
+LoRA's update into its matmul when `fused_lora_update` (jacpt/lora_update.py), then hand over to NeMo's
+own `llm.pretrain` / `llm.finetune`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ def pretrain(model, data, trainer, log=None, resume=None, optim=None, loss_chunk
     return llm.pretrain(model=model, data=data, trainer=trainer, log=log, resume=resume, optim=optim)
 
 
-def finetune(model, data, trainer, log=None, resume=None, optim=None, peft=None, loss_chunk_tokens: int = 0):
+def finetune(model, data, trainer, log=None, resume=None, optim=None, peft=None, loss_chunk_tokens: int = 0,
+             fused_lora_update: bool = False):
     _prepare(loss_chunk_tokens)
+    from jacpt import log as kit_log
+    from jacpt import lora_update
+
+    if lora_update.install(fused_lora_update):
+        kit_log("LoRA update fused into the adapters' matmul")
     from nemo.collections import llm
 
     return llm.finetune(model=model, data=data, trainer=trainer, log=log, resume=resume, optim=optim, peft=peft)

@@ -230,6 +230,7 @@ def build_lora(cfg: Config, run_dir: Path, cpt: runs.Run, manifest: dict):
     recipe.trainer.strategy.ddp = "megatron"
     recipe.resume = run.Config(nl.AutoResume, restore_config=run.Config(nl.RestoreConfig, path=str(ckpt)),
                                resume_if_exists=True, resume_ignore_no_checkpoint=True)
+    recipe.fused_lora_update = c["fused_update"]  # an argument of jacpt.tasks.finetune
     _common(recipe, cfg, "lora", run_dir)
     return recipe
 

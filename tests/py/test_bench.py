@@ -75,6 +75,9 @@ def test_whole_logits_is_swept_like_the_kit_and_sets_the_loss_chunk(tmp_path):
                      "lora-whole-logits-mbs4", "lora-megatron-rope-mbs4"]
     by = {c["name"]: c for c in plan}
     assert by["lora-megatron-rope-mbs4"]["env"] == by["cpt-megatron-rope-mbs8"]["env"] == {"JACPT_NO_TE_ROPE": "eager"}
+    lora_only = bench.cases(["cpt", "lora"], [16], ["kit", "unfused-lora"], 20, 10, tmp_path, 4, ["bf16"])
+    assert [c["name"] for c in lora_only[1:]] == ["cpt-kit-mbs16", "lora-mbs4", "lora-unfused-lora-mbs4"]
+    assert lora_only[-1]["task"] == {"fused_lora_update": False}
     assert by["cpt-whole-logits-mbs8"]["task"] == {"loss_chunk_tokens": 0}
     assert by["cpt-sdpa-mbs4"]["task"] == {"loss_chunk_tokens": 0}  # the earlier levers were measured so
     assert by["cpt-kit-mbs4"]["task"] == {}
@@ -128,7 +131,7 @@ def test_bench_rejects_unknown_parts():
     r = CliRunner().invoke(cli, ["bench", "--mbs", "4,x"])
     assert r.exit_code == 2 and "comma-separated integers" in r.output
     assert set(bench.LEVERS) == {"kit", "whole-logits", "local", "sdpa", "sdpa+adamw+swiglu", "megatron-rope",
-                                "megatron-rope+norm"}
+                                "megatron-rope+norm", "unfused-lora"}
 
 
 def test_benchmarks_md_cites_the_committed_figures():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -191,10 +192,15 @@ def test_wandb_mode_without_leaking_the_key(env, monkeypatch, mode, expect):
 
 
 def test_no_heavy_imports(env):
-    invoke("--profile", "tiny-cpu")
-    if "nemo.collections.llm" in sys.modules:
-        pytest.skip("another test in this process imported NeMo already")
-    assert "nemo.collections.llm" not in sys.modules
+    # In a fresh interpreter: other tests in this one import NeMo.
+    code = ("import sys; from click.testing import CliRunner; from jacpt.cli import cli; "
+            "r = CliRunner().invoke(cli, ['preflight', '--profile', 'tiny-cpu']); "
+            "print(r.exit_code, sorted(m for m in ('nemo', 'megatron.core') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(paths.KIT_ROOT / "py")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    code, imported = out.stdout.strip().split(" ", 1)
+    assert code in ("0", "1") and "nemo" not in imported and "megatron.core" not in imported, out.stdout
 
 
 # ----------------------------------------------------------------------------- --stage: what each Make stage checks

@@ -1,0 +1,106 @@
+"""The fused LoRA update against NeMo's own LoRALinear: same output, same gradient for the input and for
+both adapter matrices, for a column-parallel layer (linear_qkv, linear_fc1) and a row-parallel one
+(linear_proj, linear_fc2)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from jacpt import lora_update  # noqa: E402
+
+IN, OUT, RANK = 64, 96, 8
+
+
+def _wrapped(kind: str, alpha: int = 32, dropout: float = 0.0):
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from nemo.collections.llm.peft.lora import LoRALinear
+    from nemo.collections.llm.peft.utils import ParallelLinearAdapter
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=IN, num_attention_heads=4, use_cpu_initialization=True)
+    torch.manual_seed(0)
+    if kind == "column":
+        base = ColumnParallelLinear(IN, OUT, config=cfg, init_method=torch.nn.init.normal_, bias=True,
+                                    gather_output=False)
+    else:
+        base = RowParallelLinear(IN, OUT, config=cfg, init_method=torch.nn.init.normal_, bias=False,
+                                 input_is_parallel=True, skip_bias_add=True)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    adapter = ParallelLinearAdapter(IN, OUT, RANK, base_linear_name="x", activation="identity", norm_position=None,
+                                    norm_type=None, column_init_method="xavier", row_init_method="zero",
+                                    input_is_parallel=kind == "row", dropout=dropout, model_parallel_config=cfg,
+                                    alpha=alpha, dropout_position="pre")
+    with torch.no_grad():  # B starts at zero in LoRA; give it values so that every gradient is exercised
+        adapter.linear_out.weight.normal_()
+    return LoRALinear(base, adapter)
+
+
+def _run(module, fused: bool):
+    lora_update.install(fused)
+    p = next(module.adapter.parameters())
+    x = torch.randn(5, 3, IN, generator=torch.Generator().manual_seed(1)).to(p.device, p.dtype).requires_grad_(True)
+    out, bias = module(x)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(p.device, p.dtype)
+    (out * w).sum().backward()
+    grads = (x.grad, module.adapter.linear_in.weight.grad, module.adapter.linear_out.weight.grad)
+    module.zero_grad(set_to_none=True)
+    return out.detach(), bias, grads
+
+
+@pytest.fixture
+def nemo_forward_after():
+    yield
+    lora_update.install(False)  # other tests see NeMo's forward
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+@pytest.mark.parametrize("alpha", [32, 64])
+def test_fused_update_matches_nemos_lora(megatron_tp1, kind, alpha, nemo_forward_after):
+    module = _wrapped(kind, alpha)
+    assert lora_update.eligible(module)
+    want, got = _run(module, fused=False), _run(module, fused=True)
+    assert got[0].shape == want[0].shape == (5, 3, OUT)
+    assert torch.allclose(got[0], want[0], atol=1e-5, rtol=1e-5), (got[0] - want[0]).abs().max()
+    assert (got[1] is None) == (want[1] is None)
+    for name, a, b in zip(("input", "A", "B"), got[2], want[2]):
+        assert a is not None and torch.allclose(a, b, atol=1e-4, rtol=1e-5), f"{name}: {(a - b).abs().max():.3g}"
+    # The scale mattered: alpha 64 over rank 8 is not alpha 32 over rank 8.
+    if alpha == 64:
+        assert not torch.allclose(got[0], _run(_wrapped(kind, 32), fused=True)[0], atol=1e-3)
+
+
+def test_adapter_dropout_falls_back_to_nemos_forward(megatron_tp1, nemo_forward_after, monkeypatch):
+    module = _wrapped("column", dropout=0.1)
+    assert not lora_update.eligible(module)
+    lora_update.install(True)
+    calls = []
+    monkeypatch.setattr(lora_update.LoRAUpdate, "apply", lambda *a: calls.append(a))
+    module.eval()  # dropout off: the result is deterministic, and NeMo's path computes it
+    out, _ = module(torch.randn(2, 1, IN))
+    assert calls == [] and out.shape == (2, 1, OUT)
+
+
+def test_install_is_idempotent_and_can_be_turned_off(nemo_forward_after):
+    from nemo.collections.llm.peft.lora import LoRALinear
+
+    assert lora_update.install(True) is True
+    fused = LoRALinear.forward
+    assert lora_update.install(True) is True and LoRALinear.forward is fused
+    assert lora_update.install(False) is False and LoRALinear.forward is fused  # the switch is read per call
+    assert fused.__wrapped__.__qualname__ == "LoRALinear.forward"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 matmuls)")
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_fused_update_in_bf16_on_cuda(megatron_tp1, kind, nemo_forward_after):
+    module = _wrapped(kind).cuda().bfloat16()
+    want, got = _run(module, fused=False), _run(module, fused=True)
+    assert got[0].dtype == torch.bfloat16
+    # One rounding of the sum instead of three (matmul, scale, add): equal within bf16's step.
+    assert torch.allclose(got[0].float(), want[0].float(), atol=0.1, rtol=2e-2), (got[0] - want[0]).abs().max()
+    for name, a, b in zip(("input", "A", "B"), got[2], want[2]):
+        assert torch.allclose(a.float(), b.float(), atol=0.25, rtol=2e-2), f"{name}: {(a - b).abs().max():.3g}"
