@@ -208,11 +208,16 @@ def _trim(recipe, case: dict, out: Path) -> None:
         setattr(recipe.optim.config, k, v)
 
 
-def _loss_chunk(case: dict, stage: str) -> int:
-    """The case's loss chunk; the kit's default for its stage unless the lever sets one."""
+def _task_arg(case: dict, name: str, key: str):
+    """A task-function argument of the case: the lever's value, else the kit's default for setting `key`."""
     from jacpt import config as kit_config
 
-    return case.get("task", {}).get("loss_chunk_tokens", kit_config.KEYS[f"{stage}.loss_chunk_tokens"].default)
+    return case.get("task", {}).get(name, kit_config.KEYS[key].default)
+
+
+def _loss_chunk(case: dict, stage: str) -> int:
+    """The case's loss chunk; the kit's default for its stage unless the lever sets one."""
+    return _task_arg(case, "loss_chunk_tokens", f"{stage}.loss_chunk_tokens")
 
 
 def run_cpt(case: dict) -> dict:
@@ -261,8 +266,7 @@ def run_lora(case: dict) -> dict:
     recipe.trainer.strategy.ddp = "megatron"
     recipe.resume = run.Config(nl.AutoResume, restore_config=run.Config(nl.RestoreConfig, path=str(ckpt)))
     recipe.loss_chunk_tokens = _loss_chunk(case, "lora")
-    recipe.fused_lora_update = case.get("task", {}).get("fused_lora_update",
-                                                        kit_config.KEYS["lora.fused_update"].default)
+    recipe.fused_lora_update = _task_arg(case, "fused_lora_update", "lora.fused_update")
     _trim(recipe, case, out)
     fdl.build(recipe)()
     return json.loads(out.read_text(encoding="utf-8"))

@@ -9,12 +9,14 @@ own `llm.pretrain` / `llm.finetune`.
 from __future__ import annotations
 
 
-def _prepare(loss_chunk_tokens: int) -> None:
-    from jacpt import chunked_loss, log, nemo_compat
+def _prepare(loss_chunk_tokens: int, fused_lora_update: bool = False) -> None:
+    from jacpt import chunked_loss, log, lora_update, nemo_compat
 
     nemo_compat.apply()
     if chunked_loss.install(loss_chunk_tokens):
         log(f"output layer + cross entropy in chunks of {loss_chunk_tokens} tokens")
+    if fused_lora_update and lora_update.install(True):
+        log("LoRA update fused into the adapters' matmul")
 
 
 def pretrain(model, data, trainer, log=None, resume=None, optim=None, loss_chunk_tokens: int = 0):
@@ -26,12 +28,7 @@ def pretrain(model, data, trainer, log=None, resume=None, optim=None, loss_chunk
 
 def finetune(model, data, trainer, log=None, resume=None, optim=None, peft=None, loss_chunk_tokens: int = 0,
              fused_lora_update: bool = False):
-    _prepare(loss_chunk_tokens)
-    from jacpt import log as kit_log
-    from jacpt import lora_update
-
-    if lora_update.install(fused_lora_update):
-        kit_log("LoRA update fused into the adapters' matmul")
+    _prepare(loss_chunk_tokens, fused_lora_update)
     from nemo.collections import llm
 
     return llm.finetune(model=model, data=data, trainer=trainer, log=log, resume=resume, optim=optim, peft=peft)

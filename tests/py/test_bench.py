@@ -78,6 +78,8 @@ def test_whole_logits_is_swept_like_the_kit_and_sets_the_loss_chunk(tmp_path):
     lora_only = bench.cases(["cpt", "lora"], [16], ["kit", "unfused-lora"], 20, 10, tmp_path, 4, ["bf16"])
     assert [c["name"] for c in lora_only[1:]] == ["cpt-kit-mbs16", "lora-mbs4", "lora-unfused-lora-mbs4"]
     assert lora_only[-1]["task"] == {"fused_lora_update": False}
+    assert bench._task_arg(lora_only[-1], "fused_lora_update", "lora.fused_update") is False
+    assert bench._task_arg(lora_only[-2], "fused_lora_update", "lora.fused_update") is True  # the kit's default
     assert by["cpt-whole-logits-mbs8"]["task"] == {"loss_chunk_tokens": 0}
     assert by["cpt-sdpa-mbs4"]["task"] == {"loss_chunk_tokens": 0}  # the earlier levers were measured so
     assert by["cpt-kit-mbs4"]["task"] == {}
