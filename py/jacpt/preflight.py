@@ -56,8 +56,8 @@ CHUNK_BYTES_PER_LOGIT = 7  # one chunk's bf16 logits, their gradient and the ker
 VOCAB = 151_936
 CUDA_CONTEXT_BYTES = 2 * GB  # CUDA context, cuBLAS workspaces and allocator slack, not in the peak above
 
-# Tokens/s measured at each CPT micro-batch (one machine, one lease); between them the rate is interpolated, below them
-# proportional, past them the largest. Other GPUs scale by dense bf16 peak (an estimate, and labelled so).
+# Tokens/s measured at each CPT micro-batch (one machine, back to back); between them the rate is interpolated,
+# below them proportional, past them the largest. Other GPUs scale by dense bf16 peak (an estimate, and labelled so).
 # LoRA (loss in chunks too) ran at 0.92x CPT's rate at micro-batch 4 and 0.91x at 16 (NeMo's adapters add
 # GEMMs and elementwise passes around every wrapped layer, against the frozen base's saved weight gradients).
 MEASURED_TOKENS_PER_S = {4: 57_645, 8: 74_400, 16: 97_999}
