@@ -79,6 +79,9 @@ def _positive(v: int) -> str | None:
 
 JAWIKI_URL = "https://gitlab.llm-jp.nii.ac.jp/datasets/llm-jp-corpus-v3/-/raw/main/ja/ja_wiki"
 
+LOSS_CHUNK_HELP = ("output layer + cross entropy this many tokens at a time: the 151,936-wide logits are never "
+                   "whole (jacpt/chunked_loss.py); 0: Megatron's whole-logits path, ~1.2 MB more a token")
+
 KEYS: dict[str, Key] = {
     # --- data: source -------------------------------------------------------------
     "data.source": Key(str, "llmjp", "llmjp (download ja_wiki), sample (the embedded corpus) or a directory "
@@ -147,9 +150,7 @@ KEYS: dict[str, Key] = {
                                    check=_nonneg),
     "cpt.early_stop_min_delta": Key(float, 0.0, "how far val loss must fall to count as an improvement; larger stops "
                                     "sooner", check=lambda v: None if v >= 0 else "must be >= 0"),
-    "cpt.loss_chunk_tokens": Key(int, 4096, "output layer + cross entropy this many tokens at a time: the "
-                                 "151,936-wide logits are never whole (jacpt/chunked_loss.py); 0: Megatron's "
-                                 "whole-logits path, ~1.2 MB more a token", check=_nonneg),
+    "cpt.loss_chunk_tokens": Key(int, 4096, LOSS_CHUNK_HELP, check=_nonneg),
     # --- lora -------------------------------------------------------------
     "lora.seq_length": Key(int, 1024, "tokens per example (prompt + answer)", check=_positive),
     "lora.micro_batch_size": Key(int, 4, "examples per GPU per step", check=_positive),
@@ -170,9 +171,7 @@ KEYS: dict[str, Key] = {
                                     "but a noisy val loss can end a run too early", check=_nonneg),
     "lora.early_stop_min_delta": Key(float, 0.0, "how far val loss must fall to count as an improvement; larger "
                                      "stops sooner", check=lambda v: None if v >= 0 else "must be >= 0"),
-    "lora.loss_chunk_tokens": Key(int, 4096, "output layer + cross entropy this many tokens at a time: the "
-                                  "151,936-wide logits are never whole (jacpt/chunked_loss.py); 0: Megatron's "
-                                  "whole-logits path, ~1.2 MB more a token", check=_nonneg),
+    "lora.loss_chunk_tokens": Key(int, 4096, LOSS_CHUNK_HELP, check=_nonneg),
     "lora.fused_update": Key(bool, True, "add the adapters' scaled update to each layer's output inside their "
                              "matmul (jacpt/lora_update.py); false: NeMo's separate scale and add"),
     "lora.dim": Key(int, 32, "adapter rank; trainable parameters grow linearly with it", check=_positive),

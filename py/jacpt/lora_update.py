@@ -12,7 +12,7 @@ A x's gradients with the scale folded into their (rank-wide) matmuls. A (`linear
 Megatron's own layer. The arithmetic is LoRA's; tests/py/test_lora_update.py checks values and every
 gradient against NeMo's LoRALinear.
 
-`install(True)` replaces LoRALinear.forward; a wrapped layer the fusion does not cover (tensor parallelism,
+`install()` replaces LoRALinear.forward; a wrapped layer the fusion does not cover (tensor parallelism,
 adapter dropout or norm, an activation, MoE experts, dtypes that differ) runs NeMo's forward as is.
 It applies inside and outside the container: it is a kit feature, not a compatibility patch.
 """
@@ -20,8 +20,6 @@ It applies inside and outside the container: it is a kit feature, not a compatib
 from __future__ import annotations
 
 import torch
-
-_ON = False
 
 
 class LoRAUpdate(torch.autograd.Function):
@@ -57,18 +55,16 @@ def eligible(wrapper) -> bool:
             and lin_out.weight.shape[1] == ad.dim)
 
 
-def install(on: bool) -> bool:
-    """Fuse LoRA's scale and add into its matmul (False: NeMo's forward). Idempotent; returns whether on."""
-    global _ON
+def install() -> None:
+    """Fuse LoRA's scale and add into its matmul, in this process (idempotent)."""
     from nemo.collections.llm.peft.lora import LoRALinear
 
-    _ON = on
     if getattr(LoRALinear.forward, "_jacpt_fused", False):
-        return on
+        return
     nemo_forward = LoRALinear.forward
 
     def forward(self, x):
-        if not _ON or not eligible(self):
+        if not eligible(self):
             return nemo_forward(self, x)
         linear_output, bias, layernorm_output = self.base_linear_forward(x)
         ad = self.adapter
@@ -78,4 +74,3 @@ def install(on: bool) -> bool:
     forward._jacpt_fused = True
     forward.__wrapped__ = nemo_forward
     LoRALinear.forward = forward
-    return on

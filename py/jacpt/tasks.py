@@ -15,7 +15,8 @@ def _prepare(loss_chunk_tokens: int, fused_lora_update: bool = False) -> None:
     nemo_compat.apply()
     if chunked_loss.install(loss_chunk_tokens):
         log(f"output layer + cross entropy in chunks of {loss_chunk_tokens} tokens")
-    if fused_lora_update and lora_update.install(True):
+    if fused_lora_update:
+        lora_update.install()
         log("LoRA update fused into the adapters' matmul")
 
 

@@ -38,8 +38,7 @@ def _wrapped(kind: str, alpha: int = 32, dropout: float = 0.0):
     return LoRALinear(base, adapter)
 
 
-def _run(module, fused: bool):
-    lora_update.install(fused)
+def _run(module):
     p = next(module.adapter.parameters())
     x = torch.randn(5, 3, IN, generator=torch.Generator().manual_seed(1)).to(p.device, p.dtype).requires_grad_(True)
     out, bias = module(x)
@@ -51,17 +50,22 @@ def _run(module, fused: bool):
 
 
 @pytest.fixture
-def nemo_forward_after():
-    yield
-    lora_update.install(False)  # other tests see NeMo's forward
+def fuse(monkeypatch):
+    """Call to install the fused forward; NeMo's comes back after the test, for the tests that follow."""
+    from nemo.collections.llm.peft.lora import LoRALinear
+
+    monkeypatch.setattr(LoRALinear, "forward", LoRALinear.forward)
+    return lora_update.install
 
 
 @pytest.mark.parametrize("kind", ["column", "row"])
 @pytest.mark.parametrize("alpha", [32, 64])
-def test_fused_update_matches_nemos_lora(megatron_tp1, kind, alpha, nemo_forward_after):
+def test_fused_update_matches_nemos_lora(megatron_tp1, kind, alpha, fuse):
     module = _wrapped(kind, alpha)
     assert lora_update.eligible(module)
-    want, got = _run(module, fused=False), _run(module, fused=True)
+    want = _run(module)
+    fuse()
+    got = _run(module)
     assert got[0].shape == want[0].shape == (5, 3, OUT)
     assert torch.allclose(got[0], want[0], atol=1e-5, rtol=1e-5), (got[0] - want[0]).abs().max()
     assert (got[1] is None) == (want[1] is None)
@@ -69,13 +73,13 @@ def test_fused_update_matches_nemos_lora(megatron_tp1, kind, alpha, nemo_forward
         assert a is not None and torch.allclose(a, b, atol=1e-4, rtol=1e-5), f"{name}: {(a - b).abs().max():.3g}"
     # The scale mattered: alpha 64 over rank 8 is not alpha 32 over rank 8.
     if alpha == 64:
-        assert not torch.allclose(got[0], _run(_wrapped(kind, 32), fused=True)[0], atol=1e-3)
+        assert not torch.allclose(got[0], _run(_wrapped(kind, 32))[0], atol=1e-3)
 
 
-def test_adapter_dropout_falls_back_to_nemos_forward(megatron_tp1, nemo_forward_after, monkeypatch):
+def test_adapter_dropout_falls_back_to_nemos_forward(megatron_tp1, fuse, monkeypatch):
     module = _wrapped("column", dropout=0.1)
     assert not lora_update.eligible(module)
-    lora_update.install(True)
+    fuse()
     calls = []
     monkeypatch.setattr(lora_update.LoRAUpdate, "apply", lambda *a: calls.append(a))
     module.eval()  # dropout off: the result is deterministic, and NeMo's path computes it
@@ -83,22 +87,25 @@ def test_adapter_dropout_falls_back_to_nemos_forward(megatron_tp1, nemo_forward_
     assert calls == [] and out.shape == (2, 1, OUT)
 
 
-def test_install_is_idempotent_and_can_be_turned_off(nemo_forward_after):
+def test_install_is_idempotent_and_keeps_nemos_forward_underneath(fuse):
     from nemo.collections.llm.peft.lora import LoRALinear
 
-    assert lora_update.install(True) is True
+    nemo_forward = LoRALinear.forward
+    fuse()
     fused = LoRALinear.forward
-    assert lora_update.install(True) is True and LoRALinear.forward is fused
-    assert lora_update.install(False) is False and LoRALinear.forward is fused  # the switch is read per call
-    assert fused.__wrapped__.__qualname__ == "LoRALinear.forward"
+    assert fused is not nemo_forward and fused.__wrapped__ is nemo_forward
+    fuse()
+    assert LoRALinear.forward is fused
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 matmuls)")
 @pytest.mark.parametrize("kind", ["column", "row"])
-def test_fused_update_in_bf16_on_cuda(megatron_tp1, kind, nemo_forward_after):
+def test_fused_update_in_bf16_on_cuda(megatron_tp1, kind, fuse):
     module = _wrapped(kind).cuda().bfloat16()
-    want, got = _run(module, fused=False), _run(module, fused=True)
+    want = _run(module)
+    fuse()
+    got = _run(module)
     assert got[0].dtype == torch.bfloat16
     # One rounding of the sum instead of three (matmul, scale, add): equal within bf16's step.
     assert torch.allclose(got[0].float(), want[0].float(), atol=0.1, rtol=2e-2), (got[0] - want[0]).abs().max()

@@ -63,11 +63,20 @@ def test_apply_replaces_the_fallbacks_here():
     assert clip_grads.multi_tensor_scale_impl is optimizer.multi_tensor_scale_impl is nemo_compat._foreach_scale
 
 
-def test_compiled_rope_replaces_the_module_function_once(monkeypatch):
+def _eager_rope(monkeypatch):
+    """Megatron's own RoPE function, put back in its module for this test (on CUDA, apply() may have compiled it
+    earlier in the session)."""
     import megatron.core.models.common.embeddings.rope_utils as rope_utils
 
-    orig = rope_utils._apply_rotary_pos_emb_bshd
+    fn = rope_utils._apply_rotary_pos_emb_bshd
+    orig = getattr(fn, "__wrapped__", fn)
+    assert orig.__module__ == rope_utils.__name__
     monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd", orig)
+    return rope_utils, orig
+
+
+def test_compiled_rope_replaces_the_module_function_once(monkeypatch):
+    rope_utils, orig = _eager_rope(monkeypatch)
     monkeypatch.setattr(nemo_compat, "APPLIED", [])
     nemo_compat._patch_compiled_rope()
     patched = rope_utils._apply_rotary_pos_emb_bshd
@@ -78,21 +87,17 @@ def test_compiled_rope_replaces_the_module_function_once(monkeypatch):
 
 
 def test_compiled_rope_is_left_out_where_a_fused_kernel_exists(monkeypatch):
-    import megatron.core.models.common.embeddings.rope_utils as rope_utils
-
-    orig = rope_utils._apply_rotary_pos_emb_bshd
+    rope_utils, orig = _eager_rope(monkeypatch)
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda *a, **k: None)
     nemo_compat._patch_compiled_rope()
     assert rope_utils._apply_rotary_pos_emb_bshd is orig
 
 
 def test_each_replacement_can_be_turned_off_and_a_wrong_value_is_named(monkeypatch):
-    import megatron.core.models.common.embeddings.rope_utils as rope_utils
     import megatron.core.optimizer.clip_grads as clip_grads
     from megatron.core.utils import local_multi_tensor_l2_norm
 
-    orig = rope_utils._apply_rotary_pos_emb_bshd
-    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd", getattr(orig, "__wrapped__", orig))
+    rope_utils, _ = _eager_rope(monkeypatch)
     monkeypatch.setattr(clip_grads, "l2_norm_impl", local_multi_tensor_l2_norm)
     monkeypatch.setenv(nemo_compat.ROPE_ENV, "eager")
     monkeypatch.setenv(nemo_compat.MULTI_TENSOR_ENV, "megatron")
@@ -113,11 +118,9 @@ def test_each_replacement_can_be_turned_off_and_a_wrong_value_is_named(monkeypat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled RoPE runs on CUDA only)")
 @pytest.mark.parametrize("seq,batch,heads", [(2048, 2, 14), (2048, 2, 2), (1, 3, 14)], ids=["query", "key", "decode"])
 def test_compiled_rope_matches_megatrons_on_cuda(monkeypatch, seq, batch, heads):
-    import megatron.core.models.common.embeddings.rope_utils as rope_utils
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    orig = rope_utils._apply_rotary_pos_emb_bshd
-    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd", orig)
+    rope_utils, orig = _eager_rope(monkeypatch)
     nemo_compat._patch_compiled_rope()
     compiled = rope_utils._apply_rotary_pos_emb_bshd
     freqs = RotaryEmbedding(kv_channels=64, rotary_percent=1.0, rotary_base=1000000).cuda()(4096)[:seq]

@@ -121,21 +121,26 @@ def test_the_patch_swaps_the_local_spec_and_can_be_turned_off(monkeypatch):
         nemo_compat._patch_local_core_attention()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 flash attention)")
-def test_bf16_on_cuda_matches_and_saves_memory(megatron_tp1):
+def _cuda_bf16_pair():
+    """The stock module and the SDPA one, bf16, on the GPU (with Megatron's CUDA RNG seeded)."""
     from megatron.core import tensor_parallel
 
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     cfg = _config()
     cfg.bf16 = True
-    stock, sdpa = _pair(cfg)
+    return tuple(m.cuda() for m in _pair(cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 flash attention)")
+def test_bf16_on_cuda_matches_and_saves_memory(megatron_tp1):
+    stock, sdpa = _cuda_bf16_pair()
     q, k, v = (t.detach().cuda().bfloat16() for t in _qkv(2048, 2048, 2, seed=5))
     peaks = []
     for m in (stock, sdpa):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        out = _run(m.cuda(), q, k, v, None)
+        out = _run(m, q, k, v, None)
         peaks.append((torch.cuda.max_memory_allocated() - base, out))
     (stock_mem, want), (sdpa_mem, got) = peaks
     assert (got[0].float() - want[0].float()).abs().max() < 2e-2
@@ -146,14 +151,9 @@ def test_bf16_on_cuda_matches_and_saves_memory(megatron_tp1):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the generation path of SDPA)")
 def test_bf16_decode_steps_on_cuda_match_the_stock_module(megatron_tp1):
     # Generation: no autograd, one query against a growing cache, a new key length every step.
-    from megatron.core import tensor_parallel
-
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    cfg = _config()
-    cfg.bf16 = True
     from megatron.core.transformer.enums import AttnMaskType
 
-    stock, sdpa = (m.cuda().eval() for m in _pair(cfg))
+    stock, sdpa = (m.eval() for m in _cuda_bf16_pair())
     with torch.no_grad():
         for sk in (7, 8, 300):
             # What Attention passes after the prompt step (attention.py:270-273): no mask, no_mask type.
