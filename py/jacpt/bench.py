@@ -64,11 +64,13 @@ LEVERS = {
     "megatron-rope+norm": ({"JACPT_NO_TE_ROPE": "eager", "JACPT_NO_TE_MULTI_TENSOR": "megatron"}, {}, {}),
     "megatron-rope": ({"JACPT_NO_TE_ROPE": "eager"}, {}, {}),
     "unfused-lora": ({}, {}, {"fused_lora_update": False}),
+    "eager-decode": ({"JACPT_NO_TE_DECODE": "eager"}, {}, {}),
     "kit": ({}, {}, {}),
 }
 SWEEP_VARIANTS = ("kit", "whole-logits", "megatron-rope+norm", "megatron-rope")  # at every --mbs; the
 # others at --lever-mbs only
 LORA_ONLY = ("unfused-lora",)  # no CPT case: what they change is LoRA's
+GEN_ONLY = ("eager-decode",)  # a generation case only
 
 GEN_PROMPTS = ("日本の首都は", "富士山について説明してください。", "機械学習とは")
 
@@ -397,11 +399,13 @@ def run_gen(case: dict) -> dict:
     one_s = time.perf_counter() - t0
     toks_b, toks_1 = sum(a.new_tokens for a in batched), sum(a.new_tokens for a in one)
     gen.close()
-    out = {"load_s": round(load_s, 2), "batched_s": round(batched_s, 3), "batched_tokens": toks_b,
+    out = {"decode": "cuda-graph" if gen.decode_graphs else "eager",
+           "load_s": round(load_s, 2), "batched_s": round(batched_s, 3), "batched_tokens": toks_b,
            "batched_tokens_per_s": round(toks_b / batched_s, 1), "batch1_s": round(one_s, 3),
            "batch1_tokens": toks_1, "batch1_tokens_per_s": round(toks_1 / one_s, 1),
            "prompts": len(GEN_PROMPTS), "max_new_tokens": 256}
-    out["transformers"] = _hf_generate(Path(case["work"]) / "hf")
+    if case.get("variant", "kit") == "kit":
+        out["transformers"] = _hf_generate(Path(case["work"]) / "hf")
     return out
 
 
@@ -474,18 +478,20 @@ def cases(only: list[str], mbs: list[int], variants: list[str], steps: int, warm
     if "hf" in only:
         out.append({**base, "name": "hf", "kind": "hf", "mbs_list": mbs, "modes": hf_modes})
     if "cpt" in only:
-        for v in [v for v in variants if v not in LORA_ONLY]:
+        for v in [v for v in variants if v not in LORA_ONLY + GEN_ONLY]:
             env, model, task = LEVERS[v]
             for m in (mbs if v in SWEEP_VARIANTS else [lora_mbs]):
                 out.append({**base, "name": f"cpt-{v}-mbs{m}", "kind": "cpt", "variant": v, "mbs": m, "env": env,
                             "model": model, "task": task})
     if "lora" in only:  # the kit, and each variant that changes no model field (LoRA loads its checkpoint's)
-        for v in ["kit"] + [v for v in variants if v != "kit" and not LEVERS[v][1]]:
+        for v in ["kit"] + [v for v in variants if v != "kit" and not LEVERS[v][1] and v not in GEN_ONLY]:
             name = f"lora-mbs{lora_mbs}" if v == "kit" else f"lora-{v}-mbs{lora_mbs}"
             out.append({**base, "name": name, "kind": "lora", "variant": v, "mbs": lora_mbs, "env": LEVERS[v][0],
                         "task": LEVERS[v][2]})
     if "gen" in only:
         out.append({**base, "name": "gen", "kind": "gen"})
+        out += [{**base, "name": f"gen-{v}", "kind": "gen", "variant": v, "env": LEVERS[v][0]}
+                for v in variants if v in GEN_ONLY]
     return out
 
 
@@ -581,18 +587,20 @@ def render(doc: dict) -> str:
         lines.append("  ".join(c.ljust(w) if j in (0, 6) else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    gen = next((r for r in doc["cases"] if r["kind"] == "gen"), None)
     lines.append("")
-    if gen and gen.get("ok"):
-        lines.append(f"generation (NeMo, bf16, greedy): load {gen['load_s']:.1f} s; 3 prompts x 256 tokens batched "
-                     f"{gen['batched_s']:.2f} s ({gen['batched_tokens_per_s']:,.0f} tokens/s), one at a time "
-                     f"{gen['batch1_s']:.2f} s ({gen['batch1_tokens_per_s']:,.0f} tokens/s)")
+    for gen in (r for r in doc["cases"] if r["kind"] == "gen"):
+        what = "" if gen.get("variant", "kit") == "kit" else f" [{gen['variant']}]"
+        if not gen.get("ok"):
+            lines.append(f"generation{what}: {gen.get('error')}")
+            continue
+        decode = f", decode {gen['decode']}" if gen.get("decode") else ""
+        lines.append(f"generation{what} (NeMo, bf16, greedy{decode}): load {gen['load_s']:.1f} s; 3 prompts x 256 "
+                     f"tokens batched {gen['batched_s']:.2f} s ({gen['batched_tokens_per_s']:,.0f} tokens/s), one at "
+                     f"a time {gen['batch1_s']:.2f} s ({gen['batch1_tokens_per_s']:,.0f} tokens/s)")
         hf = gen.get("transformers")
         if hf:
             lines.append(f"  transformers generate, same model: load {hf['load_s']:.1f} s; one at a time "
                          f"{hf['batch1_s']:.2f} s ({hf['batch1_tokens_per_s']:,.0f} tokens/s)")
-    elif gen:
-        lines.append(f"generation: {gen.get('error')}")
     if doc.get("data"):
         d = doc["data"]
         lines.append(f"data (make bench-data, {d['date']}, CPU): fast backend {d['fast_mb_s']:.1f} MB/s, "
@@ -633,7 +641,9 @@ def plan_text(plan: list[dict], peak: float | None) -> str:
                       f"{', '.join(map(str, c.get('mbs_list', [])))}",
                 "cpt": f"NeMo CPT [{c.get('variant')}] micro-batch {c.get('mbs')}",
                 "lora": f"NeMo LoRA [{c.get('variant', 'kit')}] micro-batch {c.get('mbs')}",
-                "gen": "generation: NeMo (batched and one at a time) and transformers, 3 prompts x 256 tokens"}[c["kind"]]
+                "gen": ("generation: NeMo (batched and one at a time) and transformers, 3 prompts x 256 tokens"
+                        if c.get("variant", "kit") == "kit" else f"generation [{c.get('variant')}]: NeMo (batched "
+                        "and one at a time), 3 prompts x 256 tokens")}[c["kind"]]
         extra = " ".join(f"{k}={v}" for k, v in {**c.get("env", {}), **c.get("model", {}), **c.get("task", {})}.items())
         steps = f"; {c['warmup']} + {c['steps']} steps" if c["kind"] in ("cpt", "lora", "hf") else ""
         lines.append(f"  {c['name']:<28} {what}{steps}{'; ' + extra if extra else ''}")

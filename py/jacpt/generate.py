@@ -280,6 +280,8 @@ class NemoGenerator:
         self.model, self.tok = inference.setup_model_and_tokenizer(
             path=Path(path), trainer=nemo_trainer(self.cuda),
             params_dtype=torch.bfloat16 if self.cuda else torch.float32)
+        # Without TE, each decode step is replayed from a CUDA graph (nemo_compat.DecodeGraphs); then the mask.
+        self.decode_graphs = nemo_compat.decode_graphs(self.model)
         mask_padded_vocab(self.model, self.tok.tokenizer.vocab_size)  # NeMo AutoTokenizer: len(HF tokenizer)
         if self.cuda:
             torch.cuda.synchronize()

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import importlib.util
 import inspect
+import os
 import types
 
 APPLIED: list[str] = []
@@ -60,6 +61,7 @@ def apply() -> list[str]:
         _patch_lora_te_guard()
         _patch_local_core_attention()
         _patch_multi_tensor_fallbacks()
+        _patch_decode_positions()
         if not cond["cpu"]:
             _patch_fused_adamw()
             _patch_compiled_rope()
@@ -343,6 +345,140 @@ def _patch_compiled_rope() -> None:
     compiled.__wrapped__ = fn
     rope_utils._apply_rotary_pos_emb_bshd = compiled
     _note("rotary embedding: torch.compile'd (no fused RoPE without TE)")
+
+
+DECODE_ENV = "JACPT_NO_TE_DECODE"  # "graph" (default) or "eager" (Megatron-Core's decode step, op by op)
+DECODE_POS = "_jacpt_decode_pos"  # set on a static inference context: the decode step's position, on the device
+DECODE_NOTE = "decode step: key/value positions on the device (for CUDA graphs)"
+
+
+def _patch_decode_positions() -> None:
+    # Megatron-Core's static-batch decode step (megatron/core/transformer/attention.py:275-330,
+    # _adjust_key_value_for_inference) writes the new key/value at `sequence_len_offset` and attends over
+    # the cache up to it: Python integers, a new key length every step. A context carrying DECODE_POS
+    # instead gets the write at that device position, the whole cache as keys and values and the query's
+    # rotary row picked on the device; the caller masks the positions past it. Every shape is then the
+    # same at every step, which is what lets DecodeGraphs capture the step once. Without the attribute
+    # (training, prefill, TE's path) Megatron-Core's code runs as is.
+    from megatron.core.transformer.attention import Attention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    orig = Attention._adjust_key_value_for_inference
+    if getattr(orig, "_jacpt", False):
+        return
+
+    @functools.wraps(orig)
+    def adjust(self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos=None,
+               rotary_pos_sin=None, sequence_len_offset=None, *, inference_params=None):
+        ctx = inference_context if inference_context is not None else inference_params
+        pos = getattr(ctx, DECODE_POS, None)
+        if pos is None or self.config.flash_decode or not ctx.is_decode_only():
+            return orig(self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos,
+                        rotary_pos_sin, sequence_len_offset, inference_params=inference_params)
+        assert ctx.batch_size_offset == 0 and key.size(0) == 1, "one new token per sequence, whole batch"
+        k_mem, v_mem = (m[:, : key.size(1)] for m in ctx.key_value_memory_dict[self.layer_number])
+        k_mem.index_copy_(0, pos, key)
+        v_mem.index_copy_(0, pos, value)
+        if rotary_pos_emb is not None:
+            q_emb, k_emb = rotary_pos_emb
+            rotary_pos_emb = (q_emb.index_select(0, pos), k_emb[: k_mem.size(0)])
+        return query, k_mem, v_mem, rotary_pos_emb, AttnMaskType.no_mask
+
+    adjust._jacpt = True
+    Attention._adjust_key_value_for_inference = adjust
+    _note(DECODE_NOTE)
+
+
+class DecodeGraphs:
+    """An inference wrapper's decode step as one CUDA graph, captured at a generation's first decode step.
+
+    Megatron-Core 0.12 captures decode steps only with flash decoding (transformer_layer.py:258-263, which
+    needs the flash-attn package). Without it, generation is bound by the host: ~1,100 kernel launches and
+    the Python that issues them, each token. Installed over `wrapper.run_one_forward_step`, this runs every
+    decode step (one new token per sequence) with fixed buffers: the tokens and positions are copied in,
+    the step's position is a device scalar (see _patch_decode_positions) and keys past it are masked, so the
+    step is the same work each time and is replayed from the graph. Prefill, and each new generation (its
+    first step is at offset 0, with a new KV cache), go through the wrapper's own step; the graph is captured
+    again at the next decode. `capture=False` runs the same fixed-buffer step eagerly (the CPU tests).
+    """
+
+    def __init__(self, wrapper, capture: bool = True):
+        self.wrapper, self.step, self.capture = wrapper, wrapper.run_one_forward_step, capture
+        self.graph = self.logits = None
+        self.captures = 0
+
+    def __call__(self, inference_input, *args, **kwargs):
+        ctx, tokens = self.wrapper.inference_context, inference_input["tokens"]
+        if ctx.sequence_len_offset == 0:
+            self.graph = self.logits = None  # a new generation: new cache, perhaps new sizes
+        if args or kwargs or not ctx.is_decode_only() or tokens.size(1) != 1:
+            return self.step(inference_input, *args, **kwargs)
+        if self.logits is None:
+            self._buffers(tokens, ctx.max_sequence_length)
+        self.tokens.copy_(tokens)
+        self.position_ids.copy_(inference_input["position_ids"])
+        self.pos.fill_(ctx.sequence_len_offset)
+        if self.graph is None:
+            self._build(ctx)
+        else:
+            self.graph.replay()
+        ctx.sequence_len_offset += 1  # as forward_pass_without_pipeline_parallel does
+        return self.logits
+
+    def _buffers(self, tokens, max_len: int) -> None:
+        import torch
+
+        self.tokens = torch.empty_like(tokens)
+        self.position_ids = torch.empty_like(tokens)
+        self.pos = torch.zeros(1, dtype=torch.long, device=tokens.device)
+        self.positions = torch.arange(max_len, device=tokens.device)
+
+    def _forward(self, ctx):
+        masked = (self.positions > self.pos).view(1, 1, 1, -1)  # True = masked, Megatron's convention
+        setattr(ctx, DECODE_POS, self.pos)
+        try:
+            return self.wrapper._forward({"tokens": self.tokens, "position_ids": self.position_ids,
+                                          "attention_mask": masked})
+        finally:
+            delattr(ctx, DECODE_POS)
+
+    def _build(self, ctx) -> None:
+        import torch
+
+        if not self.capture:
+            self.logits = self._forward(ctx)
+            return
+        # Warm up on a side stream (compiled kernels, cuBLAS workspaces), then capture; the warm-up writes
+        # the same key/value at the same position as the step itself, so running it is harmless.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward(ctx)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._forward(ctx)
+        graph.replay()
+        self.graph, self.captures = graph, self.captures + 1
+
+
+def decode_graphs(wrapper) -> bool:
+    """Install DecodeGraphs on a GPT inference wrapper where it applies: no TE (this module's SDPA attention
+    takes the mask), CUDA, one GPU, JACPT_NO_TE_DECODE=graph (the default). Returns whether it did."""
+    import torch
+    from megatron.core import parallel_state
+
+    if DECODE_NOTE not in APPLIED or not torch.cuda.is_available():
+        return False
+    if _env_choice(DECODE_ENV, "graph", {"graph": "one CUDA graph per decode step, the default",
+                                         "eager": "Megatron-Core's decode step, op by op"}) == "eager":
+        return False
+    one_gpu = (parallel_state.get_pipeline_model_parallel_world_size() == 1
+               and parallel_state.get_tensor_model_parallel_world_size() == 1)
+    if os.environ.get(ATTENTION_ENV, "sdpa") != "sdpa" or not one_gpu:
+        return False
+    wrapper.run_one_forward_step = DecodeGraphs(wrapper)
+    return True
 
 
 # The local (non-TE) layer spec keeps the RMSNorms as separate modules; NeMo's Qwen2 connectors

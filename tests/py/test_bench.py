@@ -88,6 +88,24 @@ def test_whole_logits_is_swept_like_the_kit_and_sets_the_loss_chunk(tmp_path):
     assert "loss_chunk_tokens=0" in bench.plan_text(plan, 989.0)
 
 
+def test_eager_decode_is_a_generation_case_only(tmp_path):
+    plan = bench.cases(["cpt", "lora", "gen"], [8], ["kit", "eager-decode"], 20, 10, tmp_path, 4, ["bf16"])
+    assert [c["name"] for c in plan[1:]] == ["cpt-kit-mbs8", "lora-mbs4", "gen", "gen-eager-decode"]
+    assert plan[-1]["env"] == {"JACPT_NO_TE_DECODE": "eager"} and "env" not in plan[-2]
+    assert "JACPT_NO_TE_DECODE=eager" in bench.plan_text(plan, None).splitlines()[-1]
+    gen = {"ok": True, "load_s": 2.5, "batched_s": 1.0, "batched_tokens_per_s": 768.0, "batch1_s": 2.4,
+           "batch1_tokens_per_s": 320.0}
+    doc = {"gpu": {"name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.2}, "data": None,
+           "cases": [{"case": "gen", "kind": "gen", "decode": "cuda-graph", **gen},
+                     {"case": "gen-eager-decode", "kind": "gen", "variant": "eager-decode", "decode": "eager",
+                      **gen, "batched_s": 10.5}]}
+    doc["summary"] = bench.collect(doc["cases"], doc["gpu"], 989.0, te_present=False)
+    assert doc["summary"]["gen_3x256_s"] == 1.0  # the kit's case, not the lever's
+    lines = [x for x in bench.render(doc).splitlines() if x.startswith("generation")]
+    assert len(lines) == 2 and "decode cuda-graph" in lines[0] and "batched 1.00 s" in lines[0]
+    assert lines[1].startswith("generation [eager-decode]") and "batched 10.50 s" in lines[1]
+
+
 def test_the_committed_results_are_consistent_and_render():
     """The JSON BENCHMARKS.md cites: its summary is what `collect` makes of its cases, and it renders."""
     files = sorted(p for p in RESULTS.glob("*-nvidia-*.json") if "levers" not in p.name)
@@ -133,7 +151,7 @@ def test_bench_rejects_unknown_parts():
     r = CliRunner().invoke(cli, ["bench", "--mbs", "4,x"])
     assert r.exit_code == 2 and "comma-separated integers" in r.output
     assert set(bench.LEVERS) == {"kit", "whole-logits", "local", "sdpa", "sdpa+adamw+swiglu", "megatron-rope",
-                                "megatron-rope+norm", "unfused-lora"}
+                                "megatron-rope+norm", "unfused-lora", "eager-decode"}
 
 
 def test_benchmarks_md_cites_the_committed_figures():

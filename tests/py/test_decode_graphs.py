@@ -1,0 +1,115 @@
+"""Generation's decode step on fixed buffers (nemo_compat.DecodeGraphs) against Megatron-Core's own decode step.
+
+A 2-layer tied GPTModel with RoPE and grouped queries (local spec with the kit's SDPA attention) generates
+greedily through Megatron-Core's GPT inference wrapper, step by step as its text-generation controller
+drives it: a prefill, then one token per sequence. Once through the wrapper's own step, once with
+DecodeGraphs installed over it; every step's logits must agree to fp32 rounding. On the CPU the fixed-buffer
+step runs eagerly; on a GPU it is captured as a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from jacpt import nemo_compat  # noqa: E402
+
+VOCAB, PROMPT, NEW, BATCH = 301, 7, 9, 3
+
+
+def _wrapper(device: str):
+    nemo_compat.apply()
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                            ffn_hidden_size=128, use_cpu_initialization=True, masked_softmax_fusion=False,
+                            bias_activation_fusion=False, gated_linear_unit=True, normalization="RMSNorm",
+                            add_bias_linear=False, add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
+                            init_method_std=0.2)  # sharp logits: greedy choices far from ties
+    model = GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), VOCAB, PROMPT + NEW,
+                     share_embeddings_and_output_weights=True, position_embedding_type="rope",
+                     rotary_base=1000000).to(device)
+    icfg = InferenceWrapperConfig(hidden_size=64, params_dtype=torch.float32, inference_batch_times_seqlen_threshold=-1,
+                                  padded_vocab_size=VOCAB, inference_max_requests=BATCH,
+                                  inference_max_seq_length=PROMPT + NEW)
+    return GPTInferenceWrapper(model, icfg)
+
+
+def _generate(wrapper, prompts):
+    """Megatron-Core's static-batch loop (text_generation_controller.py:495-634), greedy; each step's logits."""
+    ctx = wrapper.inference_context
+    ctx.key_value_memory_dict = {}
+    wrapper.prep_model_for_inference()
+    tokens = torch.zeros(BATCH, PROMPT + NEW, dtype=torch.long, device=prompts.device)
+    tokens[:, :PROMPT] = prompts
+    inputs = wrapper.prep_inference_input(tokens)
+    steps, start = [], 0
+    with torch.no_grad():
+        for end in range(PROMPT, PROMPT + NEW):
+            logits = wrapper.run_one_forward_step(wrapper.get_batch_for_context_window(inputs, start, end))
+            last = logits[:, -1, :].clone()
+            steps.append(last)
+            tokens[:, end] = last.argmax(-1)
+            start = end
+            ctx.enable_decode_mode()
+    return steps, tokens[:, PROMPT:].clone()
+
+
+def _prompts(device: str, seed: int):
+    return torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _compare(device: str, capture: bool):
+    wrapper = _wrapper(device)
+    ref = [_generate(wrapper, _prompts(device, s)) for s in (1, 2)]
+    stock = wrapper.run_one_forward_step
+    graphs = nemo_compat.DecodeGraphs(wrapper, capture=capture)
+    wrapper.run_one_forward_step = graphs
+    try:
+        got = [_generate(wrapper, _prompts(device, s)) for s in (1, 2)]
+    finally:
+        wrapper.run_one_forward_step = stock
+    for (ref_steps, ref_tokens), (steps, tokens) in zip(ref, got):
+        assert len(steps) == len(ref_steps) == NEW
+        for i, (a, b) in enumerate(zip(steps, ref_steps)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {i}")
+        assert torch.equal(tokens, ref_tokens)
+    assert not torch.equal(ref[0][1], ref[1][1])  # two prompts, two different continuations
+    return graphs
+
+
+def test_fixed_buffer_decode_step_gives_megatrons_logits(megatron_tp1, no_cuda_rng):
+    graphs = _compare("cpu", capture=False)
+    assert graphs.captures == 0 and graphs.graph is None
+
+
+def test_marker_free_decode_is_megatrons_own_code(megatron_tp1, no_cuda_rng):
+    """The patched key/value step defers to Megatron-Core unless a context carries the device position."""
+    from megatron.core.transformer.attention import Attention
+
+    nemo_compat.apply()
+    assert getattr(Attention._adjust_key_value_for_inference, "_jacpt", False)
+    wrapper = _wrapper("cpu")
+    assert not hasattr(wrapper.inference_context, nemo_compat.DECODE_POS)
+    _generate(wrapper, _prompts("cpu", 1))
+    assert not hasattr(wrapper.inference_context, nemo_compat.DECODE_POS)  # removed after each fixed-buffer step
+
+
+def test_decode_switch_is_checked(monkeypatch):
+    monkeypatch.setenv(nemo_compat.DECODE_ENV, "fast")
+    with pytest.raises(ValueError, match="JACPT_NO_TE_DECODE='fast': use 'graph'"):
+        nemo_compat._env_choice(nemo_compat.DECODE_ENV, "graph", {"graph": "g", "eager": "e"})
+
+
+@pytest.mark.gpu
+def test_decode_step_replayed_from_a_cuda_graph_gives_megatrons_logits(megatron_tp1):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    graphs = _compare("cuda", capture=True)
+    assert graphs.captures == 2  # one per generation: each new generation captures its own step again
