@@ -19,6 +19,7 @@ configs/demo-prompts.txt) as a raw continuation: no chat template, no BOS.
   `llm.generate` (api.py:1076-1104: `setup_model_and_tokenizer`, then
   `inference.generate` with all prompts in one batch) so that the load is timed apart
   from generation and, in `--interactive`, the loaded model answers later prompts too.
+  Without TE each decode step is replayed from a CUDA graph (nemo_compat.DecodeGraphs).
 * Without CUDA: transformers on the HF models: base = the import's HF directory, CPT and
   LoRA = the export run's `models` directories (`make export` first).
 

@@ -89,16 +89,21 @@ def test_fixed_buffer_decode_step_gives_megatrons_logits(megatron_tp1, no_cuda_r
     assert graphs.captures == 0 and graphs.graph is None
 
 
-def test_marker_free_decode_is_megatrons_own_code(megatron_tp1, no_cuda_rng):
+def test_marker_free_decode_is_megatrons_own_code(megatron_tp1, no_cuda_rng, monkeypatch):
     """The patched key/value step defers to Megatron-Core unless a context carries the device position."""
     from megatron.core.transformer.attention import Attention
 
     nemo_compat.apply()
-    assert getattr(Attention._adjust_key_value_for_inference, "_jacpt", False)
+    patched = Attention._adjust_key_value_for_inference
+    assert getattr(patched, "_jacpt", False)
     wrapper = _wrapper("cpu")
+    steps, tokens = _generate(wrapper, _prompts("cpu", 1))
     assert not hasattr(wrapper.inference_context, nemo_compat.DECODE_POS)
-    _generate(wrapper, _prompts("cpu", 1))
-    assert not hasattr(wrapper.inference_context, nemo_compat.DECODE_POS)  # removed after each fixed-buffer step
+    monkeypatch.setattr(Attention, "_adjust_key_value_for_inference", patched.__wrapped__)  # Megatron-Core's own
+    ref_steps, ref_tokens = _generate(wrapper, _prompts("cpu", 1))
+    for a, b in zip(steps, ref_steps):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(tokens, ref_tokens)
 
 
 def test_decode_switch_is_checked(monkeypatch):
