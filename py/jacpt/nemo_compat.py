@@ -415,6 +415,7 @@ class DecodeGraphs:
             return self.step(inference_input, *args, **kwargs)
         if self.logits is None:
             self._buffers(tokens, ctx.max_sequence_length)
+            self._clear_unwritten(ctx)
         self.tokens.copy_(tokens)
         self.position_ids.copy_(inference_input["position_ids"])
         self.pos.fill_(ctx.sequence_len_offset)
@@ -432,6 +433,16 @@ class DecodeGraphs:
         self.position_ids = torch.empty_like(tokens)
         self.pos = torch.zeros(1, dtype=torch.long, device=tokens.device)
         self.positions = torch.arange(max_len, device=tokens.device)
+
+    @staticmethod
+    def _clear_unwritten(ctx) -> None:
+        # Megatron-Core allocates the KV cache with torch.empty (attention.py:_allocate_memory) and reads only
+        # what it wrote; this step attends over the whole cache with the rest masked. A NaN or inf left in
+        # unwritten memory would still reach the output (a masked weight is 0, and 0 x NaN is NaN), so the
+        # positions not yet written are zeroed once per generation.
+        for key, value in ctx.key_value_memory_dict.values():
+            key[ctx.sequence_len_offset:].zero_()
+            value[ctx.sequence_len_offset:].zero_()
 
     def _forward(self, ctx):
         masked = (self.positions > self.pos).view(1, 1, 1, -1)  # True = masked, Megatron's convention

@@ -42,7 +42,10 @@ def _wrapper(device: str):
 
 
 def _generate(wrapper, prompts):
-    """Megatron-Core's static-batch loop (text_generation_controller.py:495-634), greedy; each step's logits."""
+    """Megatron-Core's static-batch loop (text_generation_controller.py:495-634), greedy; each step's logits.
+
+    After the prefill, the cache past the prompt is filled with NaN: Megatron-Core allocates it with torch.empty,
+    so it may hold anything, and Megatron-Core's own step never reads it."""
     ctx = wrapper.inference_context
     ctx.key_value_memory_dict = {}
     wrapper.prep_model_for_inference()
@@ -56,6 +59,10 @@ def _generate(wrapper, prompts):
             last = logits[:, -1, :].clone()
             steps.append(last)
             tokens[:, end] = last.argmax(-1)
+            if start == 0:
+                for key, value in ctx.key_value_memory_dict.values():
+                    key[end:].fill_(float("nan"))
+                    value[end:].fill_(float("nan"))
             start = end
             ctx.enable_decode_mode()
     return steps, tokens[:, PROMPT:].clone()
@@ -78,7 +85,7 @@ def _compare(device: str, capture: bool):
     for (ref_steps, ref_tokens), (steps, tokens) in zip(ref, got):
         assert len(steps) == len(ref_steps) == NEW
         for i, (a, b) in enumerate(zip(steps, ref_steps)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {i}")
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"step {i}: {m}")
         assert torch.equal(tokens, ref_tokens)
     assert not torch.equal(ref[0][1], ref[1][1])  # two prompts, two different continuations
     return graphs
