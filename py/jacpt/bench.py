@@ -18,7 +18,8 @@ case is recorded as OOM and the run goes on. The table and
 * LoRA: the kit's LoRA (NeMo's finetune path, `llm.peft.LoRA` with the kit's targets,
   dim 32) on an imported random checkpoint, same data and batch as CPT.
 * Generation: the demo's NeMo generator on that checkpoint: load time, then 3 prompts x
-  256 new tokens batched and one at a time, greedy (after one short warm-up call).
+  256 new tokens batched and one at a time, greedy (after short warm-up calls of both
+  shapes); without TE its decode steps are replayed from CUDA graphs (`eager-decode`: not).
 
 Timing: tokens per second = tokens per step / median step time over `steps` steps after
 `warmup` steps; a step is the wall time between the ends of two optimizer steps with the

@@ -248,7 +248,8 @@ def _choice_list(choices):
                    "chunks, compiled RoPE, multi-tensor grad norm), whole-logits (the kit with Megatron's "
                    "whole-logits loss), megatron-rope (Megatron's unfused RoPE) and megatron-rope+norm (and its "
                    "per-tensor grad norm) at every --mbs, each also adding a LoRA case; unfused-lora (a LoRA "
-                   "case only: NeMo's separate adapter scale and add); the levers (local = "
+                   "case only: NeMo's separate adapter scale and add); eager-decode (a generation case only: "
+                   "Megatron's decode step op by op, no CUDA graph); the levers (local = "
                    "Megatron's stock attention and AdamW, sdpa = torch AdamW, sdpa+adamw+swiglu = + fused AdamW and "
                    "SwiGLU fusion; all three whole-logits) at --lever-mbs")
 @click.option("--lever-mbs", default=4, type=click.IntRange(1), help="micro-batch of the lever variants and LoRA")
