@@ -123,5 +123,11 @@ def test_decode_switch_is_checked(monkeypatch):
 def test_decode_step_replayed_from_a_cuda_graph_gives_megatrons_logits(megatron_tp1):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    graphs = _compare("cuda", capture=True)
+    # fp32 arithmetic on both sides, whatever an earlier test or import switched on.
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        graphs = _compare("cuda", capture=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert graphs.captures == 2  # one per generation: each new generation captures its own step again
