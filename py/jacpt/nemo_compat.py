@@ -76,8 +76,6 @@ def _note(name: str) -> None:
 
 def _env_choice(name: str, default: str, choices: dict[str, str]) -> str:
     """The value of a switch variable, `default` when unset; a value not in `choices` (name: what it does) stops."""
-    import os
-
     choice = os.environ.get(name, default)
     if choice not in choices:
         raise ValueError(f"{name}={choice!r}: use " + " or ".join(f"'{k}' ({v})" for k, v in choices.items()))
@@ -149,6 +147,7 @@ def _patch_lora_te_guard() -> None:
 # counterpart: torch's scaled_dot_product_attention (flash / memory-efficient kernels), same inputs,
 # same outputs (tests/py/test_sdpa_attention.py checks it against the stock module).
 ATTENTION_ENV = "JACPT_NO_TE_ATTENTION"  # "sdpa" (default) or "local" (Megatron's stock module)
+SDPA_NOTE = "local spec core attention: torch scaled_dot_product_attention"
 
 
 def _sdpa_class():
@@ -249,7 +248,7 @@ def _patch_local_core_attention() -> None:
     import megatron.core.models.gpt.gpt_layer_specs as specs
 
     specs.DotProductAttention = sdpa_attention_class()
-    _note("local spec core attention: torch scaled_dot_product_attention")
+    _note(SDPA_NOTE)
 
 
 ADAMW_ENV = "JACPT_NO_TE_ADAMW"  # "fused" (default) or "foreach" (torch's default implementation)
@@ -474,19 +473,19 @@ class DecodeGraphs:
 
 
 def decode_graphs(wrapper) -> bool:
-    """Install DecodeGraphs on a GPT inference wrapper where it applies: no TE (this module's SDPA attention
-    takes the mask), CUDA, one GPU, JACPT_NO_TE_DECODE=graph (the default). Returns whether it did."""
+    """Install DecodeGraphs on a GPT inference wrapper where it applies: the decode patch and this module's SDPA
+    attention (which takes the mask) applied, i.e. no TE; CUDA; one GPU; JACPT_NO_TE_DECODE=graph (the default).
+    Returns whether it did."""
     import torch
     from megatron.core import parallel_state
 
-    if DECODE_NOTE not in APPLIED or not torch.cuda.is_available():
-        return False
     if _env_choice(DECODE_ENV, "graph", {"graph": "one CUDA graph per decode step, the default",
                                          "eager": "Megatron-Core's decode step, op by op"}) == "eager":
         return False
-    one_gpu = (parallel_state.get_pipeline_model_parallel_world_size() == 1
-               and parallel_state.get_tensor_model_parallel_world_size() == 1)
-    if os.environ.get(ATTENTION_ENV, "sdpa") != "sdpa" or not one_gpu:
+    if DECODE_NOTE not in APPLIED or SDPA_NOTE not in APPLIED or not torch.cuda.is_available():
+        return False
+    if (parallel_state.get_pipeline_model_parallel_world_size() != 1
+            or parallel_state.get_tensor_model_parallel_world_size() != 1):
         return False
     wrapper.run_one_forward_step = DecodeGraphs(wrapper)
     return True

@@ -113,10 +113,23 @@ def test_marker_free_decode_is_megatrons_own_code(megatron_tp1, no_cuda_rng, mon
     assert torch.equal(tokens, ref_tokens)
 
 
-def test_decode_switch_is_checked(monkeypatch):
+def test_decode_switch_is_checked_and_eager_leaves_the_wrapper_alone(megatron_tp1, no_cuda_rng, monkeypatch):
+    wrapper = _wrapper("cpu")
     monkeypatch.setenv(nemo_compat.DECODE_ENV, "fast")
-    with pytest.raises(ValueError, match="JACPT_NO_TE_DECODE='fast': use 'graph'"):
-        nemo_compat._env_choice(nemo_compat.DECODE_ENV, "graph", {"graph": "g", "eager": "e"})
+    with pytest.raises(ValueError, match="JACPT_NO_TE_DECODE='fast': use 'graph' .* or 'eager'"):
+        nemo_compat.decode_graphs(wrapper)
+    monkeypatch.delenv(nemo_compat.DECODE_ENV)
+    installed = lambda: isinstance(vars(wrapper).get("run_one_forward_step"), nemo_compat.DecodeGraphs)  # noqa: E731
+    assert nemo_compat.decode_graphs(wrapper) is False and not installed()  # no CUDA: nothing to capture with
+    # As on a GPU (installing captures nothing yet): eager leaves Megatron-Core's step; the default installs.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv(nemo_compat.DECODE_ENV, "eager")
+    assert nemo_compat.decode_graphs(wrapper) is False and not installed()
+    monkeypatch.delenv(nemo_compat.DECODE_ENV)
+    with monkeypatch.context() as m:  # Megatron-Core's attention (JACPT_NO_TE_ATTENTION=local) takes no mask
+        m.setattr(nemo_compat, "APPLIED", [n for n in nemo_compat.APPLIED if n != nemo_compat.SDPA_NOTE])
+        assert nemo_compat.decode_graphs(wrapper) is False and not installed()
+    assert nemo_compat.decode_graphs(wrapper) is True and installed()
 
 
 @pytest.mark.gpu
