@@ -54,7 +54,8 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
 LEVERS = {
     # name: (environment of the case, model-config overrides, arguments of the task function).
     # "kit" is what `make cpt` runs: SDPA, fused AdamW, loss in chunks of cpt.loss_chunk_tokens, compiled RoPE,
-    # the gradient norm in multi-tensor ops. "megatron-rope[+norm]" bring back Megatron-Core's own RoPE (and norm).
+    # the gradient norm in multi-tensor ops, SwiGLU in one kernel each way. "megatron-rope[+norm]" bring back
+    # Megatron-Core's own RoPE (and norm); "unfused-swiglu" its SwiGLU op by op.
     "local": ({"JACPT_NO_TE_ATTENTION": "local", "JACPT_NO_TE_ADAMW": "foreach"}, {"bias_activation_fusion": False},
               {"loss_chunk_tokens": 0}),
     "sdpa": ({"JACPT_NO_TE_ATTENTION": "sdpa", "JACPT_NO_TE_ADAMW": "foreach"}, {"bias_activation_fusion": False},
@@ -65,6 +66,7 @@ LEVERS = {
     "megatron-rope+norm": ({"JACPT_NO_TE_ROPE": "eager", "JACPT_NO_TE_MULTI_TENSOR": "megatron"}, {}, {}),
     "megatron-rope": ({"JACPT_NO_TE_ROPE": "eager"}, {}, {}),
     "unfused-lora": ({}, {}, {"fused_lora_update": False}),
+    "unfused-swiglu": ({}, {}, {"fused_swiglu": False}),
     "eager-decode": ({"JACPT_NO_TE_DECODE": "eager"}, {}, {}),
     "kit": ({}, {}, {}),
 }
@@ -239,6 +241,7 @@ def run_cpt(case: dict) -> dict:
     recipe.data = _data(work, case["mbs"])
     recipe.resume = None
     recipe.loss_chunk_tokens = _loss_chunk(case, "cpt")
+    recipe.fused_swiglu = _task_arg(case, "fused_swiglu", "cpt.fused_swiglu")
     _trim(recipe, case, out)
     fdl.build(recipe)()
     return json.loads(out.read_text(encoding="utf-8"))
@@ -269,6 +272,7 @@ def run_lora(case: dict) -> dict:
     recipe.trainer.strategy.ddp = "megatron"
     recipe.resume = run.Config(nl.AutoResume, restore_config=run.Config(nl.RestoreConfig, path=str(ckpt)))
     recipe.loss_chunk_tokens = _loss_chunk(case, "lora")
+    recipe.fused_swiglu = _task_arg(case, "fused_swiglu", "lora.fused_swiglu")
     recipe.fused_lora_update = _task_arg(case, "fused_lora_update", "lora.fused_update")
     _trim(recipe, case, out)
     fdl.build(recipe)()

@@ -81,6 +81,8 @@ JAWIKI_URL = "https://gitlab.llm-jp.nii.ac.jp/datasets/llm-jp-corpus-v3/-/raw/ma
 
 LOSS_CHUNK_HELP = ("output layer + cross entropy this many tokens at a time: the 151,936-wide logits are never "
                    "whole (jacpt/chunked_loss.py); 0: Megatron's whole-logits path, ~1.2 MB more a token")
+SWIGLU_HELP = ("while training, compute SwiGLU in one kernel forward and one backward, keeping only its input "
+               "(jacpt/swiglu.py); false: Megatron's separate silu, multiplies and concatenation")
 
 KEYS: dict[str, Key] = {
     # --- data: source -------------------------------------------------------------
@@ -151,6 +153,7 @@ KEYS: dict[str, Key] = {
     "cpt.early_stop_min_delta": Key(float, 0.0, "how far val loss must fall to count as an improvement; larger stops "
                                     "sooner", check=lambda v: None if v >= 0 else "must be >= 0"),
     "cpt.loss_chunk_tokens": Key(int, 4096, LOSS_CHUNK_HELP, check=_nonneg),
+    "cpt.fused_swiglu": Key(bool, True, SWIGLU_HELP),
     # --- lora -------------------------------------------------------------
     "lora.seq_length": Key(int, 1024, "tokens per example (prompt + answer)", check=_positive),
     "lora.micro_batch_size": Key(int, 4, "examples per GPU per step", check=_positive),
@@ -172,6 +175,7 @@ KEYS: dict[str, Key] = {
     "lora.early_stop_min_delta": Key(float, 0.0, "how far val loss must fall to count as an improvement; larger "
                                      "stops sooner", check=lambda v: None if v >= 0 else "must be >= 0"),
     "lora.loss_chunk_tokens": Key(int, 4096, LOSS_CHUNK_HELP, check=_nonneg),
+    "lora.fused_swiglu": Key(bool, True, SWIGLU_HELP),
     "lora.fused_update": Key(bool, True, "add the adapters' scaled update to each layer's output inside their "
                              "matmul (jacpt/lora_update.py); false: NeMo's separate scale and add"),
     "lora.dim": Key(int, 32, "adapter rank; trainable parameters grow linearly with it", check=_positive),

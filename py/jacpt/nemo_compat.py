@@ -320,6 +320,7 @@ def _patch_multi_tensor_fallbacks() -> None:
 
 
 ROPE_ENV = "JACPT_NO_TE_ROPE"  # "compiled" (default) or "eager" (Megatron-Core's unfused RoPE as is)
+ROPE_NOTE = "rotary embedding: torch.compile'd for training (no fused RoPE without TE)"
 
 
 def _patch_compiled_rope() -> None:
@@ -329,7 +330,12 @@ def _patch_compiled_rope() -> None:
     # layer (query and key), with cos/sin recomputed each time; compiled, it is one kernel forward and one
     # backward (+4.6% CPT tokens/s at micro-batch 16 and +24% LoRA at 4 on an H100, BENCHMARKS.md).
     # apply_rotary_pos_emb looks the function up in the module at each call, so replacing the module
-    # attribute is enough.
+    # attribute is enough. Compiled only while autograd records (training): generation's shapes change
+    # with every prompt and KV-cache length, and each new shape meant a compile before the first answer (a
+    # demo worker's first 8 prompts: 5-8 s with a cold compile cache against 1.8 s eager, H100), while its
+    # decode steps, replayed from CUDA graphs, gain little from the fused kernel (BENCHMARKS.md). (Activation
+    # recompute's first pass runs under no_grad and so takes the eager RoPE, its recomputation the compiled
+    # one: the same arithmetic, to bf16 rounding.)
     if _env_choice(ROPE_ENV, "compiled", {"compiled": "one compiled kernel, the default",
                                           "eager": "Megatron-Core's unfused RoPE"}) == "eager":
         return
@@ -339,11 +345,14 @@ def _patch_compiled_rope() -> None:
     fn = rope_utils._apply_rotary_pos_emb_bshd
     if rope_utils.fused_apply_rotary_pos_emb is not None or getattr(fn, "_jacpt_compiled", False):
         return
-    compiled = torch.compile(fn)
-    compiled._jacpt_compiled = True
-    compiled.__wrapped__ = fn
-    rope_utils._apply_rotary_pos_emb_bshd = compiled
-    _note("rotary embedding: torch.compile'd (no fused RoPE without TE)")
+    @functools.wraps(fn)
+    def rope(*args, **kwargs):
+        return (rope.compiled if torch.is_grad_enabled() else fn)(*args, **kwargs)
+
+    rope.compiled = torch.compile(fn)
+    rope._jacpt_compiled = True
+    rope_utils._apply_rotary_pos_emb_bshd = rope
+    _note(ROPE_NOTE)
 
 
 DECODE_ENV = "JACPT_NO_TE_DECODE"  # "graph" (default) or "eager" (Megatron-Core's decode step, op by op)
@@ -371,10 +380,11 @@ def _patch_decode_positions() -> None:
                rotary_pos_sin=None, sequence_len_offset=None, *, inference_params=None):
         ctx = inference_context if inference_context is not None else inference_params
         pos = getattr(ctx, DECODE_POS, None)
-        if pos is None or self.config.flash_decode or not ctx.is_decode_only():
+        if pos is None or self.config.flash_decode:
             return orig(self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos,
                         rotary_pos_sin, sequence_len_offset, inference_params=inference_params)
-        assert ctx.batch_size_offset == 0 and key.size(0) == 1, "one new token per sequence, whole batch"
+        assert ctx.is_static_batching() and ctx.batch_size_offset == 0 and key.size(0) == 1, \
+            "one new token per sequence, whole batch"
         k_mem, v_mem = (m[:, : key.size(1)] for m in ctx.key_value_memory_dict[self.layer_number])
         k_mem.index_copy_(0, pos, key)
         v_mem.index_copy_(0, pos, value)
@@ -389,16 +399,19 @@ def _patch_decode_positions() -> None:
 
 
 class DecodeGraphs:
-    """An inference wrapper's decode step as one CUDA graph, captured at a generation's first decode step.
+    """An inference wrapper's decode step as one CUDA graph, captured at the first step after the prefill.
 
     Megatron-Core 0.12 captures decode steps only with flash decoding (transformer_layer.py:258-263, which
     needs the flash-attn package). Without it, generation is bound by the host: ~1,100 kernel launches and
     the Python that issues them, each token. Installed over `wrapper.run_one_forward_step`, this runs every
-    decode step (one new token per sequence) with fixed buffers: the tokens and positions are copied in,
-    the step's position is a device scalar (see _patch_decode_positions) and keys past it are masked, so the
-    step is the same work each time and is replayed from the graph. Prefill, and each new generation (its
-    first step is at offset 0, with a new KV cache), go through the wrapper's own step; the graph is captured
-    again at the next decode. `capture=False` runs the same fixed-buffer step eagerly (the CPU tests).
+    step after the prefill (one token per sequence) with fixed buffers: the tokens and positions are copied
+    in, the step's position is a device scalar (see _patch_decode_positions) and keys past it are masked, so
+    the step is the same work each time and is replayed from the graph. That includes the steps that still
+    read the longer prompts of a batch token by token: Megatron-Core's controller keeps those out of "decode
+    mode" (text_generation_controller.py:632-634), but without flash decoding a one-token step at a nonzero
+    offset is the same computation in both modes (attention.py:270-327). The prefill of each new generation
+    (offset 0, a new KV cache) goes through the wrapper's own step, and the graph is captured again at the
+    next step. `capture=False` runs the same fixed-buffer step eagerly (the CPU tests).
     """
 
     def __init__(self, wrapper, capture: bool = True):
@@ -410,7 +423,8 @@ class DecodeGraphs:
         ctx, tokens = self.wrapper.inference_context, inference_input["tokens"]
         if ctx.sequence_len_offset == 0:
             self.graph = self.logits = None  # a new generation: new cache, perhaps new sizes
-        if args or kwargs or not ctx.is_decode_only() or tokens.size(1) != 1:
+            return self.step(inference_input, *args, **kwargs)  # the prefill
+        if args or kwargs or tokens.size(1) != 1:
             return self.step(inference_input, *args, **kwargs)
         if self.logits is None:
             self._buffers(tokens, ctx.max_sequence_length)

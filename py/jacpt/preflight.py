@@ -38,30 +38,34 @@ TINY_PARAMS = 9_798_208
 
 # Memory and throughput of Qwen2.5-0.5B (tied), seq 2048, bf16, one H100 without Transformer Engine, the
 # kit's own path (SDPA attention, fused AdamW, loss in chunks of 4,096 tokens, compiled RoPE, the gradient
-# norm without syncs): `make bench`, BENCHMARKS.md and bench/results/2026-11-22-nvidia-h100-80gb-hbm3.json.
-# Peak allocated memory was 22.0 / 31.6 / 50.9 GiB at micro-batch 4 / 8 / 16. The constant is the training
-# state, 18 bytes per parameter (bf16 weights 2 + fp32 main weights 4 + Adam m and v 8 + the fp32 gradient
-# buffer 4, distributed optimizer off), plus one chunk's
-# logits and their gradient (~7 bytes per logit, 4.4 GB at 4,096 tokens); the slope is 1.26 MB per token.
+# norm without syncs, SwiGLU fused): `make bench`, BENCHMARKS.md and
+# bench/results/2026-11-23-nvidia-h100-80gb-hbm3-swiglu.json. Peak allocated memory was 20.2 / 28.1 / 35.9 /
+# 43.8 GiB at micro-batch 4 / 8 / 12 / 16. The constant is the training state, 18 bytes per parameter (bf16
+# weights 2 + fp32 main weights 4 + Adam m and v 8 + the fp32 gradient buffer 4, distributed optimizer off), plus
+# one chunk's logits and their gradient (~7 bytes per logit, 4.4 GB at 4,096 tokens); the slope is 1.03 MB per
+# token: 1.26 MB with Megatron-Core's SwiGLU (22.0 / 31.6 / 50.9 GiB at 4 / 8 / 16 on 2026-11-22), which keeps
+# silu's bf16 output too (24 layers x 4,864 x 2 bytes a token: 50.9 against 43.8 GiB at 16, measured back to back).
 # With the loss not chunked (loss_chunk_tokens=0) the whole micro-batch's logits and fp32 softmax stay: 29.6 /
-# 50.9 GiB at micro-batch 4 / 8, 2.78 MB per token and no chunk term. A saved checkpoint carries the state
-# without the gradient buffer.
+# 50.9 GiB at micro-batch 4 / 8 with Megatron-Core's SwiGLU, 2.78 MB per token and no chunk term. A saved
+# checkpoint carries the state without the gradient buffer.
 CPT_BYTES_PER_PARAM = 18
 CKPT_BYTES_PER_PARAM = 16  # weights, main weights and Adam moments (14), rounded up for metadata and slack
 LORA_BYTES_PER_PARAM = 2  # frozen bf16 weights; the adapters and their state are ~1% of that
 EXPORT_BYTES_PER_PARAM = 3 * 2  # two HF exports (CPT, LoRA-merged) and the merged NeMo checkpoint, bf16
-ACT_BYTES_PER_TOKEN = 1.26 * MB  # flat per token; attention's share is small with flash attention
+ACT_BYTES_PER_TOKEN = 1.26 * MB  # flat per token, Megatron-Core's SwiGLU; attention's share is small (flash)
 WHOLE_LOGITS_ACT_BYTES_PER_TOKEN = 2.8 * MB  # the same with the loss not chunked (2.78 measured)
+FUSED_SWIGLU_SAVES_PER_TOKEN = 24 * 4864 * 2  # silu's output, not kept by the fused SwiGLU (0.234 MB measured)
 CHUNK_BYTES_PER_LOGIT = 7  # one chunk's bf16 logits, their gradient and the kernels' scratch
 VOCAB = 151_936
 CUDA_CONTEXT_BYTES = 2 * GB  # CUDA context, cuBLAS workspaces and allocator slack, not in the peak above
 
 # Tokens/s measured at each CPT micro-batch (one machine, back to back); between them the rate is interpolated,
 # below them proportional, past them the largest. Other GPUs scale by dense bf16 peak (an estimate, and labelled so).
-# LoRA (loss in chunks too) ran at 0.92x CPT's rate at micro-batch 4 and 0.91x at 16 (NeMo's adapters add
-# GEMMs and elementwise passes around every wrapped layer, against the frozen base's saved weight gradients).
-MEASURED_TOKENS_PER_S = {4: 57_645, 8: 74_400, 16: 97_999}
-MEASURED_LORA_FACTOR = 0.91
+# LoRA (loss in chunks and SwiGLU fused too) ran at 0.84x CPT's rate at micro-batch 4, where the host is the limit,
+# and 0.98x at 16 (NeMo's adapters add matmuls and elementwise passes around every wrapped layer, against the
+# frozen base's skipped weight gradients); the profiles train LoRA at 4, so the estimate uses 0.84.
+MEASURED_TOKENS_PER_S = {4: 56_082, 8: 86_787, 12: 98_581, 16: 107_638}
+MEASURED_LORA_FACTOR = 0.84
 MEASURED_PEAK = 989e12
 MEASURED_SOURCE = "measured on an H100 without TE (make bench, BENCHMARKS.md)"
 
@@ -216,21 +220,26 @@ def model_params(cfg: Config) -> int:
     return TINY_PARAMS if cfg["model.hf_dir"] == "tiny" else QWEN25_05B_PARAMS
 
 
-def activation_bytes(tokens: int, loss_chunk_tokens: int) -> float:
-    """Activations of one micro-batch of `tokens`: flat per token, plus one loss chunk's logits when chunked."""
+def activation_bytes(tokens: int, loss_chunk_tokens: int, fused_swiglu: bool = True) -> float:
+    """Activations of one micro-batch of `tokens`: flat per token (less silu's output with the fused SwiGLU),
+    plus one loss chunk's logits when chunked."""
+    saved = FUSED_SWIGLU_SAVES_PER_TOKEN if fused_swiglu else 0
     if loss_chunk_tokens == 0:
-        return tokens * WHOLE_LOGITS_ACT_BYTES_PER_TOKEN
-    return tokens * ACT_BYTES_PER_TOKEN + min(loss_chunk_tokens, tokens) * VOCAB * CHUNK_BYTES_PER_LOGIT
+        return tokens * (WHOLE_LOGITS_ACT_BYTES_PER_TOKEN - saved)
+    return (tokens * (ACT_BYTES_PER_TOKEN - saved)
+            + min(loss_chunk_tokens, tokens) * VOCAB * CHUNK_BYTES_PER_LOGIT)
 
 
-def cpt_memory_bytes(params: int, mbs: int, seq_length: int, loss_chunk_tokens: int = 4096) -> float:
+def cpt_memory_bytes(params: int, mbs: int, seq_length: int, loss_chunk_tokens: int = 4096,
+                     fused_swiglu: bool = True) -> float:
     """Per GPU: weights + grads + optimizer state + activations + CUDA context."""
-    return (params * CPT_BYTES_PER_PARAM + activation_bytes(mbs * seq_length, loss_chunk_tokens)
+    return (params * CPT_BYTES_PER_PARAM + activation_bytes(mbs * seq_length, loss_chunk_tokens, fused_swiglu)
             + CUDA_CONTEXT_BYTES)
 
 
-def lora_memory_bytes(params: int, mbs: int, seq_length: int, loss_chunk_tokens: int = 4096) -> float:
-    return (params * LORA_BYTES_PER_PARAM + activation_bytes(mbs * seq_length, loss_chunk_tokens)
+def lora_memory_bytes(params: int, mbs: int, seq_length: int, loss_chunk_tokens: int = 4096,
+                      fused_swiglu: bool = True) -> float:
+    return (params * LORA_BYTES_PER_PARAM + activation_bytes(mbs * seq_length, loss_chunk_tokens, fused_swiglu)
             + CUDA_CONTEXT_BYTES)
 
 
@@ -369,9 +378,11 @@ def _check_gpus(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
 
 
 def _memory_of(cfg: Config, stage: str):
-    """The stage's memory estimate as a function of (params, micro-batch, seq), with the stage's loss chunk."""
+    """The stage's memory estimate as a function of (params, micro-batch, seq), with the stage's loss chunk and
+    SwiGLU."""
     return functools.partial(cpt_memory_bytes if stage == "cpt" else lora_memory_bytes,
-                             loss_chunk_tokens=cfg[f"{stage}.loss_chunk_tokens"])
+                             loss_chunk_tokens=cfg[f"{stage}.loss_chunk_tokens"],
+                             fused_swiglu=cfg[f"{stage}.fused_swiglu"])
 
 
 def _memory_verdict(r: Report, cfg: Config, stage: str, need: float, smallest: Gpu, detail: str) -> None:
@@ -399,7 +410,8 @@ def _check_memory_and_time(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
     est.update(params=params, cpt_memory_bytes=cpt_mem, lora_memory_bytes=lora_mem, cpt_tokens=cpt_tokens,
                lora_tokens=lora_tokens,
                memory_formula=f"{CPT_BYTES_PER_PARAM} B/param (CPT) or {LORA_BYTES_PER_PARAM} B/param (LoRA) + "
-                              f"tokens/micro-batch x {ACT_BYTES_PER_TOKEN / MB:.2f} MB (flat per token) + "
+                              f"tokens/micro-batch x {ACT_BYTES_PER_TOKEN / MB:.2f} MB (flat per token; "
+                              f"{FUSED_SWIGLU_SAVES_PER_TOKEN / MB:.2f} MB less with the fused SwiGLU) + "
                               f"loss chunk tokens x {VOCAB:,} x {CHUNK_BYTES_PER_LOGIT} B (without chunks: "
                               f"{WHOLE_LOGITS_ACT_BYTES_PER_TOKEN / MB:.1f} MB per token, no chunk term) + "
                               f"{CUDA_CONTEXT_BYTES / GB:.0f} GB CUDA context; distributed optimizer off")

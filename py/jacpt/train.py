@@ -117,7 +117,8 @@ def _common(recipe, cfg: Config, section: str, run_dir: Path) -> None:
     recipe.trainer.log_every_n_steps = s["log_every_n_steps"]
     recipe.trainer.strategy.ckpt_async_save = False  # async saves leave -unfinished checkpoints (NeMo #14293)
     recipe.trainer.callbacks = list(recipe.trainer.callbacks or []) + hygiene_callbacks(cfg, section, run_dir)
-    recipe.loss_chunk_tokens = s["loss_chunk_tokens"]  # an argument of jacpt.tasks.pretrain/finetune
+    recipe.loss_chunk_tokens = s["loss_chunk_tokens"]  # arguments of jacpt.tasks.pretrain/finetune
+    recipe.fused_swiglu = s["fused_swiglu"]
 
     recipe.log.log_dir = str(run_dir)
     recipe.log.name = section

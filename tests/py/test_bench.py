@@ -88,6 +88,20 @@ def test_whole_logits_is_swept_like_the_kit_and_sets_the_loss_chunk(tmp_path):
     assert "loss_chunk_tokens=0" in bench.plan_text(plan, 989.0)
 
 
+def test_unfused_swiglu_is_a_cpt_and_a_lora_case_at_the_lever_micro_batch(tmp_path):
+    plan = bench.cases(["cpt", "lora"], [4, 16], ["kit", "unfused-swiglu"], 20, 10, tmp_path, 16, ["bf16"])
+    assert [c["name"] for c in plan[1:]] == ["cpt-kit-mbs4", "cpt-kit-mbs16", "cpt-unfused-swiglu-mbs16",
+                                             "lora-mbs16", "lora-unfused-swiglu-mbs16"]
+    by = {c["name"]: c for c in plan}
+    for stage in ("cpt", "lora"):
+        key = f"{stage}.fused_swiglu"
+        assert config.KEYS[key].default is True
+        assert bench._task_arg(by[f"{stage}-unfused-swiglu-mbs16"], "fused_swiglu", key) is False
+        assert bench._task_arg(by[f"{stage}-kit-mbs16" if stage == "cpt" else "lora-mbs16"], "fused_swiglu",
+                               key) is True
+    assert "fused_swiglu=False" in bench.plan_text(plan, None)
+
+
 def test_eager_decode_is_a_generation_case_only(tmp_path):
     plan = bench.cases(["cpt", "lora", "gen"], [8], ["kit", "eager-decode"], 20, 10, tmp_path, 4, ["bf16"])
     assert [c["name"] for c in plan[1:]] == ["cpt-kit-mbs8", "lora-mbs4", "gen", "gen-eager-decode"]
@@ -151,7 +165,7 @@ def test_bench_rejects_unknown_parts():
     r = CliRunner().invoke(cli, ["bench", "--mbs", "4,x"])
     assert r.exit_code == 2 and "comma-separated integers" in r.output
     assert set(bench.LEVERS) == {"kit", "whole-logits", "local", "sdpa", "sdpa+adamw+swiglu", "megatron-rope",
-                                "megatron-rope+norm", "unfused-lora", "eager-decode"}
+                                "megatron-rope+norm", "unfused-lora", "unfused-swiglu", "eager-decode"}
 
 
 def test_benchmarks_md_cites_the_committed_figures():

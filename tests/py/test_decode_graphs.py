@@ -41,31 +41,40 @@ def _wrapper(device: str):
     return GPTInferenceWrapper(model, icfg)
 
 
+LENGTHS = (PROMPT, PROMPT - 3, PROMPT - 1)  # prompt lengths of the batch's rows: the shortest one starts the steps
+STEPS = PROMPT + NEW - min(LENGTHS)
+
+
 def _generate(wrapper, prompts):
     """Megatron-Core's static-batch loop (text_generation_controller.py:495-634), greedy; each step's logits.
 
-    After the prefill, the cache past the prompt is filled with NaN: Megatron-Core allocates it with torch.empty,
-    so it may hold anything, and Megatron-Core's own step never reads it."""
+    The prefill reads the shortest prompt's length; the next steps read the longer prompts on, one token a
+    step, while the shorter ones already generate; "decode mode" begins once every row generates. After the
+    prefill, the cache past it is filled with NaN: Megatron-Core allocates it with torch.empty, so it may hold
+    anything, and Megatron-Core's own step never reads it."""
     ctx = wrapper.inference_context
     ctx.key_value_memory_dict = {}
     wrapper.prep_model_for_inference()
     tokens = torch.zeros(BATCH, PROMPT + NEW, dtype=torch.long, device=prompts.device)
     tokens[:, :PROMPT] = prompts
+    lengths = torch.tensor(LENGTHS, device=prompts.device)
     inputs = wrapper.prep_inference_input(tokens)
     steps, start = [], 0
     with torch.no_grad():
-        for end in range(PROMPT, PROMPT + NEW):
+        for end in range(min(LENGTHS), PROMPT + NEW):
             logits = wrapper.run_one_forward_step(wrapper.get_batch_for_context_window(inputs, start, end))
             last = logits[:, -1, :].clone()
             steps.append(last)
-            tokens[:, end] = last.argmax(-1)
+            started = lengths <= end
+            tokens[started, end] = last.argmax(-1)[started]
             if start == 0:
                 for key, value in ctx.key_value_memory_dict.values():
                     key[end:].fill_(float("nan"))
                     value[end:].fill_(float("nan"))
             start = end
-            ctx.enable_decode_mode()
-    return steps, tokens[:, PROMPT:].clone()
+            if bool(started.all()):
+                ctx.enable_decode_mode()
+    return steps, tokens.clone()
 
 
 def _prompts(device: str, seed: int):
@@ -78,12 +87,20 @@ def _compare(device: str, capture: bool):
     stock = wrapper.run_one_forward_step
     graphs = nemo_compat.DecodeGraphs(wrapper, capture=capture)
     wrapper.run_one_forward_step = graphs
+    fixed = []  # per forward pass: whether it ran as the fixed-shape step (the context carries the device position)
+    forward, ctx = wrapper._forward, wrapper.inference_context
+    wrapper._forward = lambda inputs: fixed.append(hasattr(ctx, nemo_compat.DECODE_POS)) or forward(inputs)
     try:
         got = [_generate(wrapper, _prompts(device, s)) for s in (1, 2)]
     finally:
         wrapper.run_one_forward_step = stock
+        del wrapper._forward
+    # Per generation: the prefill through Megatron-Core's step, then every step (also those still reading the
+    # longer prompts) as the fixed step: run each time on the CPU, warmed up and captured once on a GPU.
+    per_generation = [False] + [True] * (2 if capture else STEPS - 1)
+    assert fixed == per_generation * 2 and not hasattr(ctx, nemo_compat.DECODE_POS)
     for (ref_steps, ref_tokens), (steps, tokens) in zip(ref, got):
-        assert len(steps) == len(ref_steps) == NEW
+        assert len(steps) == len(ref_steps) == STEPS
         for i, (a, b) in enumerate(zip(steps, ref_steps)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"step {i}: {m}")
         assert torch.equal(tokens, ref_tokens)

@@ -83,7 +83,25 @@ def test_compiled_rope_replaces_the_module_function_once(monkeypatch):
     assert patched is not orig and patched._jacpt_compiled and patched.__wrapped__ is orig
     nemo_compat._patch_compiled_rope()  # idempotent: not compiled twice
     assert rope_utils._apply_rotary_pos_emb_bshd is patched
-    assert nemo_compat.APPLIED == ["rotary embedding: torch.compile'd (no fused RoPE without TE)"]
+    assert nemo_compat.APPLIED == [nemo_compat.ROPE_NOTE]
+
+
+def test_compiled_rope_runs_only_while_autograd_records(monkeypatch):
+    """Training takes the compiled kernel; validation and generation (no autograd) take Megatron's own."""
+    rope_utils, orig = _eager_rope(monkeypatch)
+    nemo_compat._patch_compiled_rope()
+    patched = rope_utils._apply_rotary_pos_emb_bshd
+    calls = []
+    monkeypatch.setattr(patched, "compiled", lambda *a, **k: calls.append(a) or orig(*a, **k))
+    t = torch.randn(5, 2, 3, 8)
+    freqs = torch.randn(5, 1, 1, 8)
+    with torch.no_grad():
+        assert torch.equal(patched(t, freqs), orig(t, freqs))
+    with torch.inference_mode():
+        patched(t, freqs)
+    assert calls == []
+    y = patched(t.requires_grad_(True), freqs)
+    assert len(calls) == 1 and y.requires_grad
 
 
 def test_compiled_rope_is_left_out_where_a_fused_kernel_exists(monkeypatch):

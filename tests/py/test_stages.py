@@ -41,6 +41,10 @@ def test_cpt_restored_the_import_and_trained(tiny_chain):
     assert "PreTrainingDataModule" in recipe and "MockDataModule" not in recipe
     assert f"path: {tiny_chain['import']['dir'] / 'model'}" in recipe  # restore_config
     assert "ckpt_async_save: false" in recipe and "pretrained_model_name:" in recipe
+    # SwiGLU fused while training only: the saved model config keeps Megatron's flag off (generation).
+    assert "fused_swiglu: true" in recipe and "SwiGLU fused into one kernel each way while training" in cpt["stderr"]
+    ckpt_config = (cpt["dir"] / cpt["checkpoint"] / "context" / "model.yaml").read_text()
+    assert "gated_linear_unit: true" in ckpt_config and "bias_activation_fusion: true" not in ckpt_config
     info = json.loads((cpt["dir"] / "run.json").read_text())
     assert info["inputs"]["data_manifest_sha256"] == sha256_file(Path(info["inputs"]["data_manifest"]))
     assert info["settings"]["cpt.max_steps"] == 10 and info["versions"]["nemo-toolkit"].startswith("2.3")
@@ -56,6 +60,7 @@ def test_lora_restored_cpt_and_saved_adapters_only(tiny_chain):
     recipe = (lora["dir"] / "recipe.yaml").read_text()
     assert "FineTuningDataModule" in recipe and "Squad" not in recipe and "nemo://" not in recipe
     assert "dim: 8" in recipe and "alpha: 16" in recipe
+    assert "fused_swiglu: true" in recipe and "SwiGLU fused into one kernel each way while training" in lora["stderr"]
 
 
 def test_export_is_tied_qwen2_with_card_and_checksums(tiny_chain, tiny_model_dir):
