@@ -332,10 +332,11 @@ def _patch_compiled_rope() -> None:
     # apply_rotary_pos_emb looks the function up in the module at each call, so replacing the module
     # attribute is enough. Compiled only while autograd records (training): generation's shapes change
     # with every prompt and KV-cache length, and each new shape meant a compile before the first answer (a
-    # demo worker's first 8 prompts: 5-8 s with a cold compile cache against 1.8 s eager, H100), while its
-    # decode steps, replayed from CUDA graphs, gain little from the fused kernel (BENCHMARKS.md). (Activation
-    # recompute's first pass runs under no_grad and so takes the eager RoPE, its recomputation the compiled
-    # one: the same arithmetic, to bf16 rounding.)
+    # demo worker's first 8 answers: 5-8 s with a cold compile cache, 1.0 s without compiling, H100). The
+    # price comes after the first answer: decode steps replayed from CUDA graphs run ~20% slower with the
+    # unfused RoPE (3 x 256 tokens one at a time; BENCHMARKS.md). (Activation recompute's first pass runs
+    # under no_grad and so takes the eager RoPE, its recomputation the compiled one: the same arithmetic, to
+    # bf16 rounding.)
     if _env_choice(ROPE_ENV, "compiled", {"compiled": "one compiled kernel, the default",
                                           "eager": "Megatron-Core's unfused RoPE"}) == "eager":
         return

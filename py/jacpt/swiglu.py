@@ -5,7 +5,7 @@ linear_fc1's output (9,728 wide for Qwen2.5-0.5B). Unless `bias_activation_fusio
 MLP computes it op by op (megatron/core/transformer/mlp.py:137-143, `glu`, megatron-core 0.12.3): silu and a
 multiply over strided halves forward, and backward two multiplies, silu's backward and a concatenation of the
 halves' gradients, each a pass over the whole width; autograd also keeps silu's output. A profile of one
-CPT step on an H100 (micro-batch 16) put these kernels at about a sixth of the step's GPU time.
+CPT step on an H100 (micro-batch 16) put these kernels at about a sixth of the step.
 
 With `bias_activation_fusion` Megatron-Core has a fused SwiGLU, but the flag is saved in the checkpoint's
 model config, and its compiled kernels recompile at every new sequence length during generation (the demo
