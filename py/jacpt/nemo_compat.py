@@ -424,8 +424,7 @@ class DecodeGraphs:
         ctx, tokens = self.wrapper.inference_context, inference_input["tokens"]
         if ctx.sequence_len_offset == 0:
             self.graph = self.logits = None  # a new generation: new cache, perhaps new sizes
-            return self.step(inference_input, *args, **kwargs)  # the prefill
-        if args or kwargs or tokens.size(1) != 1:
+        if ctx.sequence_len_offset == 0 or args or kwargs or tokens.size(1) != 1:  # the prefill, or not one token
             return self.step(inference_input, *args, **kwargs)
         if self.logits is None:
             self._buffers(tokens, ctx.max_sequence_length)
@@ -473,7 +472,7 @@ class DecodeGraphs:
         if not self.capture:
             self.logits = self._forward(ctx)
             return
-        # Warm up on a side stream (compiled kernels, cuBLAS workspaces), then capture; the warm-up writes
+        # Warm up on a side stream (cuBLAS workspaces, lazily built kernels), then capture; the warm-up writes
         # the same key/value at the same position as the step itself, so running it is harmless.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -88,6 +88,22 @@ def _run_with(forward, mlp, tokens=(7, 3)):
         del mlp.forward
 
 
+def test_a_bias_from_linear_fc1_is_added_before_the_swiglu(megatron_tp1, fuse):
+    """A wrapped linear_fc1 (an adapter, say) may hand back a bias even without add_bias_linear."""
+    from megatron.core.transformer.mlp import MLP
+
+    mlp = _mlp()
+    bias = torch.randn(2 * FFN, generator=torch.Generator().manual_seed(3))
+    fc1 = mlp.linear_fc1.forward
+    mlp.linear_fc1.forward = lambda x: (fc1(x)[0], bias)
+    want = _run_with(MLP.forward.__wrapped__, mlp)
+    got = _run(mlp)
+    assert len(fuse) == 1
+    assert torch.allclose(got[0], want[0], atol=1e-6, rtol=1e-5), (got[0] - want[0]).abs().max()
+    for a, b in zip(got[2], want[2]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_in_eval_mode_megatrons_code_runs(megatron_tp1, fuse):
     from megatron.core.transformer.mlp import MLP
 
