@@ -1,6 +1,6 @@
 """`make bench`: CPT, LoRA and generation throughput on one GPU, beside plain transformers and the limit.
 
-    jacpt bench [--only cpt,hf,lora,gen] [--mbs 2,4,8,16] [--variants kit] [--steps 20] [--warmup 10]
+    jacpt bench [--only cpt,hf,lora,gen] [--mbs 2,4,8,16] [--global-batch 32] [--variants kit] [--steps 20]
 
 A benchmark, not a test. Every case runs in its own process (a fresh CUDA context and
 Megatron state), logs to `<work>/<case>.log`, and writes one JSON line; an out-of-memory
@@ -9,11 +9,13 @@ case is recorded as OOM and the run goes on. The table and
 
 * CPT: the Qwen2.5-0.5B shape (Qwen25Config500M, embeddings tied as the kit trains it,
   random init) at seq 2048, bf16, through the kit's path: NeMo's pretrain recipe, the
-  kit's compatibility layer and task function, Megatron's optimizer, one GPU, global
-  batch = micro-batch. Data: random token ids in a Megatron .bin/.idx (the model
-  cannot tell; the loader does the same work).
+  kit's compatibility layer and task function, Megatron's optimizer, one GPU. A step is
+  one optimizer step over the global batch (32 samples by default, as the kit trains:
+  micro-batches accumulate to it; `--global-batch 0`: one micro-batch a step). Data:
+  random token ids in a Megatron .bin/.idx (the model cannot tell; the loader does the
+  same work).
 * Peer: the same shape in plain transformers (Qwen2ForCausalLM, SDPA, tied, fused AdamW,
-  same batch and sequence), pure bf16 weights (the faster of the two usual set-ups) and
+  same micro-batch, global batch and sequence), pure bf16 weights (the faster of the two usual set-ups) and
   fp32 master weights under autocast (what NeMo's bf16-mixed keeps).
 * LoRA: the kit's LoRA (NeMo's finetune path, `llm.peft.LoRA` with the kit's targets,
   dim 32) on an imported random checkpoint, same data and batch as CPT.
@@ -54,8 +56,9 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
 LEVERS = {
     # name: (environment of the case, model-config overrides, arguments of the task function).
     # "kit" is what `make cpt` runs: SDPA, fused AdamW, loss in chunks of cpt.loss_chunk_tokens, compiled RoPE,
-    # the gradient norm in multi-tensor ops, SwiGLU in one kernel each way. "megatron-rope[+norm]" bring back
-    # Megatron-Core's own RoPE (and norm); "unfused-swiglu" its SwiGLU op by op.
+    # the gradient norm in multi-tensor ops, SwiGLU in one kernel each way, gradient zeros not counted.
+    # "megatron-rope[+norm]" bring back Megatron-Core's own RoPE (and norm); "unfused-swiglu" its SwiGLU op by
+    # op; "megatron-zero-count" Megatron-Core 0.12's count of gradient zeros at every step.
     "local": ({"JACPT_NO_TE_ATTENTION": "local", "JACPT_NO_TE_ADAMW": "foreach"}, {"bias_activation_fusion": False},
               {"loss_chunk_tokens": 0}),
     "sdpa": ({"JACPT_NO_TE_ATTENTION": "sdpa", "JACPT_NO_TE_ADAMW": "foreach"}, {"bias_activation_fusion": False},
@@ -68,6 +71,7 @@ LEVERS = {
     "unfused-lora": ({}, {}, {"fused_lora_update": False}),
     "unfused-swiglu": ({}, {}, {"fused_swiglu": False}),
     "eager-decode": ({"JACPT_NO_TE_DECODE": "eager"}, {}, {}),
+    "megatron-zero-count": ({}, {}, {"megatron_zero_count": True}),
     "kit": ({}, {}, {}),
 }
 SWEEP_VARIANTS = ("kit", "whole-logits", "megatron-rope+norm", "megatron-rope")  # at every --mbs; the
@@ -175,7 +179,7 @@ def _model_config(overrides: dict):
     return cfg
 
 
-def _data(work: Path, mbs: int):
+def _data(work: Path, mbs: int, accum: int = 1):
     import nemo_run as run
     from nemo.collections import llm
 
@@ -183,7 +187,7 @@ def _data(work: Path, mbs: int):
 
     prefix = str(work / "tokens")
     return run.Config(llm.PreTrainingDataModule, paths={"train": [prefix], "validation": [prefix], "test": [prefix]},
-                      seq_length=SEQ, micro_batch_size=mbs, global_batch_size=mbs,
+                      seq_length=SEQ, micro_batch_size=mbs, global_batch_size=mbs * accum,
                       tokenizer=_tokenizer(paths.assets_dir() / "tokenizer"),
                       index_mapping_dir=str(work / "index_cache" / f"mbs{mbs}"), num_workers=2)
 
@@ -204,7 +208,8 @@ def _trim(recipe, case: dict, out: Path) -> None:
     recipe.trainer.enable_checkpointing = False
     recipe.trainer.strategy.ckpt_async_save = False
     recipe.trainer.callbacks = list(recipe.trainer.callbacks or []) + [
-        run.Config(step_timer, out=str(out), tokens_per_step=case["mbs"] * SEQ, warmup=case["warmup"])]
+        run.Config(step_timer, out=str(out), tokens_per_step=case["mbs"] * case.get("accum", 1) * SEQ,
+                   warmup=case["warmup"])]
     recipe.log.ckpt = None
     recipe.log.tensorboard = None
     recipe.log.wandb = None
@@ -235,13 +240,15 @@ def run_cpt(case: dict) -> dict:
     work, out = Path(case["work"]), Path(case["work"]) / f"{case['name']}.timer.json"
     recipe = llm.qwen25_500m.pretrain_recipe(dir=str(work / "logs" / case["name"]), name=case["name"],
                                              num_nodes=1, num_gpus_per_node=1, max_steps=10, seq_length=SEQ,
-                                             global_batch_size=case["mbs"], micro_batch_size=case["mbs"],
+                                             global_batch_size=case["mbs"] * case.get("accum", 1),
+                                             micro_batch_size=case["mbs"],
                                              warmup_steps=5, fn=tasks.pretrain)
     recipe.model = run.Config(llm.Qwen2Model, config=_model_config(case.get("model", {})))
-    recipe.data = _data(work, case["mbs"])
+    recipe.data = _data(work, case["mbs"], case.get("accum", 1))
     recipe.resume = None
     recipe.loss_chunk_tokens = _loss_chunk(case, "cpt")
     recipe.fused_swiglu = _task_arg(case, "fused_swiglu", "cpt.fused_swiglu")
+    recipe.megatron_zero_count = case.get("task", {}).get("megatron_zero_count", False)
     _trim(recipe, case, out)
     fdl.build(recipe)()
     return json.loads(out.read_text(encoding="utf-8"))
@@ -268,12 +275,13 @@ def run_lora(case: dict) -> dict:
     recipe.model = run.Config(llm.Qwen2Model, config=cfg)
     recipe.peft = run.Config(llm.peft.LoRA, target_modules=defaults["lora.targets"].split(","),
                              dim=defaults["lora.dim"], alpha=defaults["lora.alpha"], dropout=0.0)
-    recipe.data = _data(work, case["mbs"])
+    recipe.data = _data(work, case["mbs"], case.get("accum", 1))
     recipe.trainer.strategy.ddp = "megatron"
     recipe.resume = run.Config(nl.AutoResume, restore_config=run.Config(nl.RestoreConfig, path=str(ckpt)))
     recipe.loss_chunk_tokens = _loss_chunk(case, "lora")
     recipe.fused_swiglu = _task_arg(case, "fused_swiglu", "lora.fused_swiglu")
     recipe.fused_lora_update = _task_arg(case, "fused_lora_update", "lora.fused_update")
+    recipe.megatron_zero_count = case.get("task", {}).get("megatron_zero_count", False)
     _trim(recipe, case, out)
     fdl.build(recipe)()
     return json.loads(out.read_text(encoding="utf-8"))
@@ -291,7 +299,8 @@ def hf_config(**kw):
 
 
 def run_hf(case: dict) -> dict:
-    """Plain transformers, same shape, batch and sequence; one process, every micro-batch in turn."""
+    """Plain transformers, same shape, batches and sequence; one process, every micro-batch in turn. Each
+    optimizer step accumulates the case's global batch in micro-batches, as the NeMo cases do."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -309,25 +318,28 @@ def run_hf(case: dict) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             gen = torch.Generator(device="cuda").manual_seed(0)
-            times, key = [], f"{mode}-mbs{mbs}"
+            accum = accumulation(mbs, case.get("global_batch", 0))
+            times, key = [], f"{mode}-{_batch_tag(mbs, case.get('global_batch', 0))}"
             try:
                 for _ in range(case["warmup"] + case["steps"]):
-                    x = torch.randint(0, 151643, (mbs, SEQ), device="cuda", generator=gen)
+                    xs = [torch.randint(0, 151643, (mbs, SEQ), device="cuda", generator=gen) for _ in range(accum)]
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "amp"):
-                        loss = model(input_ids=x, labels=x).loss
-                    loss.backward()
+                    for x in xs:
+                        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "amp"):
+                            loss = model(input_ids=x, labels=x).loss
+                        (loss / accum).backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     torch.cuda.synchronize()
                     times.append(time.perf_counter() - t0)
-                results[key] = {**summarize(times, mbs * SEQ, case["warmup"]), "mode": mode, "mbs": mbs,
+                results[key] = {**summarize(times, mbs * accum * SEQ, case["warmup"]), "mode": mode, "mbs": mbs,
+                                "accum": accum,
                                 "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                                 "params": sum(p.numel() for p in model.parameters())}
             except torch.OutOfMemoryError:
-                results[key] = {"mode": mode, "mbs": mbs, "error": "OOM"}
+                results[key] = {"mode": mode, "mbs": mbs, "accum": accum, "error": "OOM"}
             del model, opt
             torch.cuda.empty_cache()
             log(f"hf {key}: {results[key]}")
@@ -474,25 +486,39 @@ def gpu_info() -> dict:
             "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
 
 
+def accumulation(mbs: int, global_batch: int) -> int:
+    """Micro-batches per optimizer step: enough to reach `global_batch` samples (0: one)."""
+    return max(1, -(-global_batch // mbs))
+
+
+def _batch_tag(mbs: int, global_batch: int) -> str:
+    """A case name's batch part: mbs16, or mbs16x2 when two micro-batches make an optimizer step."""
+    n = accumulation(mbs, global_batch)
+    return f"mbs{mbs}" if n == 1 else f"mbs{mbs}x{n}"
+
+
 def cases(only: list[str], mbs: list[int], variants: list[str], steps: int, warmup: int, work: Path,
-          lora_mbs: int, hf_modes: list[str]) -> list[dict]:
+          lora_mbs: int, hf_modes: list[str], global_batch: int = 0) -> list[dict]:
     base = {"steps": steps, "warmup": warmup, "work": str(work), "result": str(work / "results.jsonl")}
     need_ckpt = "lora" in only or "gen" in only
-    docs = max(64, (warmup + steps + 4) * max(mbs + [lora_mbs]) // 2 + 8)
+    samples = max(m * accumulation(m, global_batch) for m in mbs + [lora_mbs])
+    docs = max(64, (warmup + steps + 4) * samples // 2 + 8)
     out = [{**base, "name": "prep", "kind": "prep", "documents": docs, "checkpoint": need_ckpt}]
     if "hf" in only:
-        out.append({**base, "name": "hf", "kind": "hf", "mbs_list": mbs, "modes": hf_modes})
+        out.append({**base, "name": "hf" if not global_batch else f"hf-global{global_batch}", "kind": "hf",
+                    "mbs_list": mbs, "modes": hf_modes, "global_batch": global_batch})
     if "cpt" in only:
         for v in [v for v in variants if v not in LORA_ONLY + GEN_ONLY]:
             env, model, task = LEVERS[v]
             for m in (mbs if v in SWEEP_VARIANTS else [lora_mbs]):
-                out.append({**base, "name": f"cpt-{v}-mbs{m}", "kind": "cpt", "variant": v, "mbs": m, "env": env,
-                            "model": model, "task": task})
+                out.append({**base, "name": f"cpt-{v}-{_batch_tag(m, global_batch)}", "kind": "cpt", "variant": v,
+                            "mbs": m, "env": env, "model": model, "task": task, "accum": accumulation(m, global_batch)})
     if "lora" in only:  # the kit, and each variant that changes no model field (LoRA loads its checkpoint's)
         for v in ["kit"] + [v for v in variants if v != "kit" and not LEVERS[v][1] and v not in GEN_ONLY]:
-            name = f"lora-mbs{lora_mbs}" if v == "kit" else f"lora-{v}-mbs{lora_mbs}"
+            tag = _batch_tag(lora_mbs, global_batch)
+            name = f"lora-{tag}" if v == "kit" else f"lora-{v}-{tag}"
             out.append({**base, "name": name, "kind": "lora", "variant": v, "mbs": lora_mbs, "env": LEVERS[v][0],
-                        "task": LEVERS[v][2]})
+                        "task": LEVERS[v][2], "accum": accumulation(lora_mbs, global_batch)})
     if "gen" in only:
         out.append({**base, "name": "gen", "kind": "gen"})
         out += [{**base, "name": f"gen-{v}", "kind": "gen", "variant": v, "env": LEVERS[v][0]}
@@ -521,7 +547,7 @@ def run_case(case: dict, timeout: int) -> dict:
         oom = any("out of memory" in line.lower() for line in tail)
         rec = {"case": case["name"], "kind": case["kind"], "ok": False,
                "error": "OOM" if oom else f"exit {rc}: {' | '.join(tail)[-300:]}"}
-    rec.update({k: case[k] for k in ("variant", "mbs") if k in case})
+    rec.update({k: case[k] for k in ("variant", "mbs", "accum") if k in case})
     log(f"bench {case['name']}: {'ok' if rec.get('ok') else rec.get('error')} in {time.perf_counter() - t0:.0f} s")
     return rec
 
@@ -529,26 +555,30 @@ def run_case(case: dict, timeout: int) -> dict:
 def collect(recs: list[dict], gpu: dict, peak: float | None, te_present: bool) -> dict:
     """The summary fields of the results JSON (the issue's names) from the case records."""
     by = {r["case"]: r for r in recs}
-    cpt = {r["mbs"]: r for r in recs if r["kind"] == "cpt" and r.get("variant") == "kit" and r.get("ok")}
+    cpt = {(r["mbs"], r.get("accum", 1)): r for r in recs
+           if r["kind"] == "cpt" and r.get("variant") == "kit" and r.get("ok")}
     best = max(cpt.values(), key=lambda r: r["tokens_per_s"], default=None)
-    hf = by.get("hf", {}).get("results", {})
+    hf = {k: v for r in recs if r["kind"] == "hf" and r.get("ok") for k, v in r.get("results", {}).items()}
     hf_ok = {k: v for k, v in hf.items() if "tokens_per_s" in v}
     hf_same = {v["mbs"]: v for v in hf_ok.values() if v["mode"] == "bf16"}
     lora = next((r for r in recs if r["kind"] == "lora" and r.get("variant", "kit") == "kit" and r.get("ok")), None)
-    lora_cpt = cpt.get(lora["mbs"]) if lora else None
+    lora_cpt = cpt.get((lora["mbs"], lora.get("accum", 1))) if lora else None
     gen = by.get("gen") if by.get("gen", {}).get("ok") else None
     hf_best = max(hf_same.values(), key=lambda r: r["tokens_per_s"], default=None)
     return {
         "gpu": gpu["name"], "te_present": te_present,
         "peak_tflops": peak, "flops_per_token": flops_per_token(), "flops_formula": FLOPS_FORMULA,
         "cpt_mbs": best["mbs"] if best else None,
+        "cpt_global_batch": best["mbs"] * best.get("accum", 1) if best else None,
         "cpt_tokens_per_s": best["tokens_per_s"] if best else None,
         "cpt_mfu": round(mfu(best["tokens_per_s"], peak), 4) if best and peak else None,
         "cpt_peak_mem_gib": best["peak_mem_gib"] if best else None,
         "hf_mbs": hf_best["mbs"] if hf_best else None,
+        "hf_global_batch": hf_best["mbs"] * hf_best.get("accum", 1) if hf_best else None,
         "hf_tokens_per_s": hf_best["tokens_per_s"] if hf_best else None,
         "cpt_vs_hf": round(best["tokens_per_s"] / hf_best["tokens_per_s"], 3) if best and hf_best else None,
         "lora_mbs": lora["mbs"] if lora else None,
+        "lora_global_batch": lora["mbs"] * lora.get("accum", 1) if lora else None,
         "lora_tokens_per_s": lora["tokens_per_s"] if lora else None,
         "lora_peak_mem_gib": lora["peak_mem_gib"] if lora else None,
         "lora_vs_cpt_speed": round(lora["tokens_per_s"] / lora_cpt["tokens_per_s"], 3) if lora and lora_cpt else None,
@@ -563,33 +593,38 @@ def _fmt(v, spec: str = ",.0f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _global(r: dict) -> str:
+    """Samples per optimizer step of a case record (records from before accumulation: one micro-batch)."""
+    return str(r["mbs"] * r.get("accum", 1)) if "mbs" in r else "-"
+
+
 def render(doc: dict) -> str:
     s, peak = doc["summary"], doc["summary"]["peak_tflops"]
     lines = [f"GPU {doc['gpu']['name']} ({doc['gpu']['memory_gib']} GiB), peak {peak} TFLOP/s bf16 dense; "
              f"Transformer Engine: {'yes' if s['te_present'] else 'no'}; seq {SEQ}, bf16",
              f"MFU = tokens/s x {s['flops_per_token']:.4g} FLOPs/token / peak  ({FLOPS_FORMULA})", ""]
-    rows = [("case", "mbs", "tokens/s", "step s", "MFU", "peak GiB", "note")]
+    rows = [("case", "mbs", "global", "tokens/s", "step s", "MFU", "peak GiB", "note")]
     for r in doc["cases"]:
         if r["kind"] in ("cpt", "lora"):
             name = (f"NeMo CPT [{r['variant']}]" if r["kind"] == "cpt"
                     else f"NeMo LoRA (dim 32){'' if r.get('variant', 'kit') == 'kit' else ' [' + r['variant'] + ']'}")
             if r.get("ok"):
                 note = f"trainable {r['trainable']:,} of {r['params']:,}" if r.get("trainable") else ""
-                rows.append((name, str(r["mbs"]), _fmt(r["tokens_per_s"]), f"{r['step_s']:.3f}",
+                rows.append((name, str(r["mbs"]), _global(r), _fmt(r["tokens_per_s"]), f"{r['step_s']:.3f}",
                              _fmt(mfu(r["tokens_per_s"], peak), ".1%"), f"{r['peak_mem_gib']:.1f}", note))
             else:
-                rows.append((name, str(r.get("mbs", "-")), "-", "-", "-", "-", r.get("error", "?")[:60]))
+                rows.append((name, str(r.get("mbs", "-")), _global(r), "-", "-", "-", "-", r.get("error", "?")[:60]))
         elif r["kind"] == "hf" and r.get("ok"):
             for v in r["results"].values():
                 name = f"transformers [{v['mode']}]"
                 if "tokens_per_s" in v:
-                    rows.append((name, str(v["mbs"]), _fmt(v["tokens_per_s"]), f"{v['step_s']:.3f}",
+                    rows.append((name, str(v["mbs"]), _global(v), _fmt(v["tokens_per_s"]), f"{v['step_s']:.3f}",
                                  _fmt(mfu(v["tokens_per_s"], peak), ".1%"), f"{v['peak_mem_gib']:.1f}", ""))
                 else:
-                    rows.append((name, str(v["mbs"]), "-", "-", "-", "-", v.get("error", "?")))
+                    rows.append((name, str(v["mbs"]), _global(v), "-", "-", "-", "-", v.get("error", "?")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j in (0, 6) else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        lines.append("  ".join(c.ljust(w) if j in (0, 7) else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
@@ -612,7 +647,8 @@ def render(doc: dict) -> str:
                      f"NeMo reference {d['reference_mb_s']:.2f} MB/s")
     lines.append("")
     lines.append(f"CPT best {_fmt(s['cpt_tokens_per_s'])} tokens/s at mbs {s['cpt_mbs']} "
-                 f"(MFU {_fmt(s['cpt_mfu'], '.1%')}), {_fmt(s['cpt_vs_hf'], '.2f')}x transformers' best; "
+                 f"(MFU {_fmt(mfu(s['cpt_tokens_per_s'], peak), '.1%')}), "
+                 f"{_fmt(s['cpt_vs_hf'], '.2f')}x transformers' best; "
                  f"LoRA {_fmt(s['lora_vs_cpt_speed'], '.2f')}x CPT speed at {_fmt(s['lora_vs_cpt_memory'], '.0%')} "
                  "of its memory")
     return "\n".join(lines)
@@ -638,14 +674,14 @@ def plan_text(plan: list[dict], peak: float | None) -> str:
     """The cases a run would measure, one line each (`--dry-run`)."""
     against = f"{peak:g} TFLOP/s" if peak else "the GPU's dense bf16 peak, looked up from its name"
     lines = [f"{len(plan) - 1} case(s), each in its own process, after a preparation step; seq {SEQ}, bf16; "
-             f"MFU against {against}"]
+             f"micro-batch x micro-batches per optimizer step; MFU against {against}"]
     for c in plan:
+        hf_batches = ", ".join(f"{m} x {accumulation(m, c.get('global_batch', 0))}" for m in c.get("mbs_list", []))
         what = {"prep": f"random token data ({c.get('documents', 0) * 4096:,} tokens)"
                         + ("; random Qwen2.5-0.5B-shaped HF model imported to NeMo" if c.get("checkpoint") else ""),
-                "hf": f"transformers {', '.join(c.get('modes', []))} at micro-batch "
-                      f"{', '.join(map(str, c.get('mbs_list', [])))}",
-                "cpt": f"NeMo CPT [{c.get('variant')}] micro-batch {c.get('mbs')}",
-                "lora": f"NeMo LoRA [{c.get('variant', 'kit')}] micro-batch {c.get('mbs')}",
+                "hf": f"transformers {', '.join(c.get('modes', []))} at micro-batch {hf_batches}",
+                "cpt": f"NeMo CPT [{c.get('variant')}] micro-batch {c.get('mbs')} x {c.get('accum', 1)}",
+                "lora": f"NeMo LoRA [{c.get('variant', 'kit')}] micro-batch {c.get('mbs')} x {c.get('accum', 1)}",
                 "gen": ("generation: NeMo (batched and one at a time) and transformers, 3 prompts x 256 tokens"
                         if c.get("variant", "kit") == "kit" else f"generation [{c.get('variant')}]: NeMo (batched "
                         "and one at a time), 3 prompts x 256 tokens")}[c["kind"]]
@@ -657,9 +693,10 @@ def plan_text(plan: list[dict], peak: float | None) -> str:
 
 def main(only: list[str], mbs: list[int], variants: list[str], steps: int, warmup: int, out_dir: Path,
          peak: float | None, lora_mbs: int, hf_modes: list[str], timeout: int, command: str,
-         merge: bool = False, work: Path | None = None, dry_run: bool = False) -> Path | None:
+         merge: bool = False, work: Path | None = None, dry_run: bool = False, global_batch: int = 0) -> Path | None:
     if dry_run:  # no GPU needed, nothing written
-        print(plan_text(cases(only, mbs, variants, steps, warmup, Path("<work>"), lora_mbs, hf_modes), peak))
+        print(plan_text(cases(only, mbs, variants, steps, warmup, Path("<work>"), lora_mbs, hf_modes, global_batch),
+                        peak))
         return None
     gpu = gpu_info()
     peak = peak or peak_tflops(gpu["name"])
@@ -668,7 +705,7 @@ def main(only: list[str], mbs: list[int], variants: list[str], steps: int, warmu
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     work = work or Path(os.environ.get("JACPT_RUNS_DIR", paths.KIT_ROOT / "runs")) / "bench" / stamp
     work.mkdir(parents=True, exist_ok=True)
-    plan = cases(only, mbs, variants, steps, warmup, work, lora_mbs, hf_modes)
+    plan = cases(only, mbs, variants, steps, warmup, work, lora_mbs, hf_modes, global_batch)
     t0 = time.perf_counter()
     recs = []
     for case in plan:
@@ -691,7 +728,8 @@ def main(only: list[str], mbs: list[int], variants: list[str], steps: int, warmu
            "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "command": command,
            "gpu": gpu, "versions": runs.versions(), "settings": {"seq": SEQ, "steps": steps, "warmup": warmup,
-                                                            "mbs": mbs, "variants": variants, "lora_mbs": lora_mbs},
+                                                            "mbs": mbs, "variants": variants, "lora_mbs": lora_mbs,
+                                                            "global_batch": global_batch},
            "cases": recs, "data": latest_data_bench(out_dir), "wall_s": round(time.perf_counter() - t0, 1)}
     doc["summary"] = collect(recs, gpu, peak, te_present="transformer-engine" in doc["versions"])
     text = render(doc)

@@ -242,14 +242,18 @@ def _choice_list(choices):
 @click.option("--only", default="hf,cpt,lora,gen", callback=_choice_list(("hf", "cpt", "lora", "gen")),
               help="what to measure (comma-separated)")
 @click.option("--mbs", default="2,4,8,16", callback=_int_list, help="CPT micro-batches (seq 2048)")
+@click.option("--global-batch", default=32, type=click.IntRange(0), show_default=True,
+              help="samples per optimizer step, as the kit trains (cpt.global_batch_size, lora.global_batch_size); "
+                   "micro-batches accumulate to it; 0: one micro-batch a step")
 @click.option("--variants", default="kit",
               callback=_choice_list(tuple(bench_levers())),
               help="CPT set-ups without Transformer Engine: kit (what make cpt runs: SDPA, fused AdamW, loss in "
-                   "chunks, compiled RoPE, multi-tensor grad norm, fused SwiGLU), whole-logits (the kit with "
+                   "chunks, compiled RoPE, multi-tensor grad norm, fused SwiGLU, no gradient-zero count), whole-logits (the kit with "
                    "Megatron's whole-logits loss), megatron-rope (Megatron's unfused RoPE) and megatron-rope+norm (and its "
                    "per-tensor grad norm) at every --mbs, each also adding a LoRA case; unfused-lora (a LoRA "
                    "case only: NeMo's separate adapter scale and add); unfused-swiglu (Megatron's SwiGLU op by op, "
-                   "CPT and LoRA); eager-decode (a generation case only: "
+                   "CPT and LoRA); megatron-zero-count (Megatron-Core 0.12's count of gradient zeros at every "
+                   "step, CPT and LoRA); eager-decode (a generation case only: "
                    "Megatron's decode step op by op, no CUDA graph); the levers (local = "
                    "Megatron's stock attention and AdamW, sdpa = torch AdamW, sdpa+adamw+swiglu = + fused AdamW and "
                    "SwiGLU fusion; all three whole-logits) at --lever-mbs")
@@ -267,7 +271,8 @@ def _choice_list(choices):
               help="keep the cases of today's JSON for this GPU that this run does not measure again")
 @click.option("--dry-run", is_flag=True, envvar="DRY_RUN", show_envvar=True,
               help="list the cases it would measure; no GPU needed, nothing written; exit 0")
-def bench(only, mbs, variants, lever_mbs, hf_modes, steps, warmup, peak_tflops, timeout, out_dir, merge, dry_run):
+def bench(only, mbs, global_batch, variants, lever_mbs, hf_modes, steps, warmup, peak_tflops, timeout, out_dir, merge,
+          dry_run):
     """GPU throughput: NeMo CPT and LoRA vs plain transformers vs the GPU's peak; generation speed."""
     from jacpt import bench as bench_mod, paths
 
@@ -276,7 +281,7 @@ def bench(only, mbs, variants, lever_mbs, hf_modes, steps, warmup, peak_tflops, 
     try:
         bench_mod.main(only=only, mbs=mbs, variants=variants, steps=steps, warmup=warmup, out_dir=out,
                        peak=peak_tflops, lora_mbs=lever_mbs, hf_modes=hf_modes, timeout=timeout, command=command,
-                       merge=merge, dry_run=dry_run)
+                       merge=merge, dry_run=dry_run, global_batch=global_batch)
     except bench_mod.BenchError as e:
         raise click.ClickException(str(e)) from None
 

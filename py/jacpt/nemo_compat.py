@@ -357,18 +357,58 @@ def _patch_compiled_rope() -> None:
 
 
 DECODE_ENV = "JACPT_NO_TE_DECODE"  # "graph" (default) or "eager" (Megatron-Core's decode step, op by op)
-DECODE_POS = "_jacpt_decode_pos"  # set on a static inference context: the decode step's position, on the device
+DECODE_POS = "_jacpt_decode_pos"  # set on a static inference context: a DecodeStep for the fixed-shape step
 DECODE_NOTE = "decode step: key/value positions on the device (for CUDA graphs)"
+
+
+class DecodeStep:
+    """What one fixed-shape decode step hands the attention layers (through the inference context).
+
+    `pos`: the new token's position, a device scalar. `offset`: the same as an int, for the one-off work of a
+    generation's first fixed step (never captured). `rotated`: the layers whose cached keys already carry
+    their rotary embedding, kept for the whole generation. `rope`: this step's (cos, sin) row, computed by
+    the first layer and shared by the others."""
+
+    def __init__(self, pos, offset: int, rotated: set):
+        self.pos, self.offset, self.rotated, self.rope = pos, offset, rotated, None
+
+
+def _rope_new_token(attention, query, key, q_emb, k_emb, step: DecodeStep):
+    """The rotary embedding of one new token's query and key, as Megatron-Core's unfused RoPE computes it
+    (rope_utils.py:89-117, `_apply_rotary_pos_emb_bshd`, mscale 1 as Attention.forward calls it): the
+    same operations in the same order and dtype, so the same numbers. Query and key go through it as one
+    tensor and the (cos, sin) row is computed once a step, not once a layer. Interleaved, partial or
+    multi-latent variants, or distinct query and key tables, take Megatron-Core's function, row by row."""
+    import torch
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    cfg = attention.config
+    if (q_emb is not k_emb or cfg.rotary_interleaved or cfg.multi_latent_attention
+            or q_emb.size(-1) != query.size(-1)):
+        return (apply_rotary_pos_emb(query, q_emb.index_select(0, step.pos), config=cfg),
+                apply_rotary_pos_emb(key, k_emb.index_select(0, step.pos), config=cfg))
+    qk = torch.cat((query, key), dim=2)
+    if step.rope is None:
+        row = q_emb.index_select(0, step.pos)
+        step.rope = torch.cos(row).to(qk.dtype), torch.sin(row).to(qk.dtype)
+    cos, sin = step.rope
+    x1, x2 = torch.chunk(qk, 2, dim=-1)
+    qk = (qk * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+    return torch.split(qk, [query.size(2), key.size(2)], dim=2)
 
 
 def _patch_decode_positions() -> None:
     # Megatron-Core's static-batch decode step (megatron/core/transformer/attention.py:275-330,
-    # _adjust_key_value_for_inference) writes the new key/value at `sequence_len_offset` and attends over
-    # the cache up to it: Python integers, a new key length every step. A context carrying DECODE_POS
-    # instead gets the write at that device position, the whole cache as keys and values and the query's
-    # rotary row picked on the device; the caller masks the positions past it. Every shape is then the
-    # same at every step, which is what lets DecodeGraphs capture the step once. Without the attribute
-    # (training, prefill, TE's path) Megatron-Core's code runs as is.
+    # _adjust_key_value_for_inference) writes the new key/value at `sequence_len_offset`, attends over the
+    # cache up to it (Python integers: a new key length every step) and then gives every cached key its
+    # rotary embedding again (Attention.forward, :580-618), each step. A context carrying a DecodeStep
+    # instead gets the write at that device position and the whole cache as keys and values, the caller
+    # masking the positions past it; the new token's query and key are rotated here and the key is cached
+    # rotated. The keys the prefill cached (unrotated) are rotated once, at the generation's first such step,
+    # which is never captured. Every shape is then the same at every step, which is what lets DecodeGraphs
+    # capture the step once, and the step rotates one position instead of the whole cache. Without the
+    # attribute (training, prefill, TE's path) Megatron-Core's code runs as is.
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
     from megatron.core.transformer.attention import Attention
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -380,19 +420,23 @@ def _patch_decode_positions() -> None:
     def adjust(self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos=None,
                rotary_pos_sin=None, sequence_len_offset=None, *, inference_params=None):
         ctx = inference_context if inference_context is not None else inference_params
-        pos = getattr(ctx, DECODE_POS, None)
-        if pos is None or self.config.flash_decode:
+        step = getattr(ctx, DECODE_POS, None)
+        if step is None or self.config.flash_decode:
             return orig(self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos,
                         rotary_pos_sin, sequence_len_offset, inference_params=inference_params)
         assert ctx.is_static_batching() and ctx.batch_size_offset == 0 and key.size(0) == 1, \
             "one new token per sequence, whole batch"
         k_mem, v_mem = (m[:, : key.size(1)] for m in ctx.key_value_memory_dict[self.layer_number])
-        k_mem.index_copy_(0, pos, key)
-        v_mem.index_copy_(0, pos, value)
         if rotary_pos_emb is not None:
             q_emb, k_emb = rotary_pos_emb
-            rotary_pos_emb = (q_emb.index_select(0, pos), k_emb[: k_mem.size(0)])
-        return query, k_mem, v_mem, rotary_pos_emb, AttnMaskType.no_mask
+            if self.layer_number not in step.rotated:
+                prefix = k_mem[: step.offset]
+                prefix.copy_(apply_rotary_pos_emb(prefix, k_emb[: step.offset], config=self.config))
+                step.rotated.add(self.layer_number)
+            query, key = _rope_new_token(self, query, key, q_emb, k_emb, step)
+        k_mem.index_copy_(0, step.pos, key)
+        v_mem.index_copy_(0, step.pos, value)
+        return query, k_mem, v_mem, None, AttnMaskType.no_mask
 
     adjust._jacpt = True
     Attention._adjust_key_value_for_inference = adjust
@@ -407,7 +451,8 @@ class DecodeGraphs:
     the Python that issues them, each token. Installed over `wrapper.run_one_forward_step`, this runs every
     step after the prefill (one token per sequence) with fixed buffers: the tokens and positions are copied
     in, the step's position is a device scalar (see _patch_decode_positions) and keys past it are masked, so
-    the step is the same work each time and is replayed from the graph. That includes the steps that still
+    the step is the same work each time and is replayed from the graph. Keys are cached with their rotary
+    embedding, so a step rotates one position, not the whole cache. That includes the steps that still
     read the longer prompts of a batch token by token: Megatron-Core's controller keeps those out of "decode
     mode" (text_generation_controller.py:632-634), but without flash decoding a one-token step at a nonzero
     offset is the same computation in both modes (attention.py:270-327). The prefill of each new generation
@@ -418,17 +463,21 @@ class DecodeGraphs:
     def __init__(self, wrapper, capture: bool = True):
         self.wrapper, self.step, self.capture = wrapper, wrapper.run_one_forward_step, capture
         self.graph = self.logits = None
-        self.captures = 0
+        self.captures, self.rotated = 0, set()
 
     def __call__(self, inference_input, *args, **kwargs):
         ctx, tokens = self.wrapper.inference_context, inference_input["tokens"]
         if ctx.sequence_len_offset == 0:
             self.graph = self.logits = None  # a new generation: new cache, perhaps new sizes
         if ctx.sequence_len_offset == 0 or args or kwargs or tokens.size(1) != 1:  # the prefill, or not one token
+            if self.logits is not None:  # Megatron-Core's step would rotate the already rotated keys again
+                raise RuntimeError("DecodeGraphs: a step of more than one token per sequence after the fixed "
+                                   "steps began; set JACPT_NO_TE_DECODE=eager for this generation loop")
             return self.step(inference_input, *args, **kwargs)
         if self.logits is None:
             self._buffers(tokens, ctx.max_sequence_length)
             self._clear_unwritten(ctx)
+            self.rotated = set()
         self.tokens.copy_(tokens)
         self.position_ids.copy_(inference_input["position_ids"])
         self.pos.fill_(ctx.sequence_len_offset)
@@ -459,7 +508,7 @@ class DecodeGraphs:
 
     def _forward(self, ctx):
         masked = (self.positions > self.pos).view(1, 1, 1, -1)  # True = masked, Megatron's convention
-        setattr(ctx, DECODE_POS, self.pos)
+        setattr(ctx, DECODE_POS, DecodeStep(self.pos, ctx.sequence_len_offset, self.rotated))
         try:
             return self.wrapper._forward({"tokens": self.tokens, "position_ids": self.position_ids,
                                           "attention_mask": masked})

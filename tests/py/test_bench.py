@@ -165,7 +165,8 @@ def test_bench_rejects_unknown_parts():
     r = CliRunner().invoke(cli, ["bench", "--mbs", "4,x"])
     assert r.exit_code == 2 and "comma-separated integers" in r.output
     assert set(bench.LEVERS) == {"kit", "whole-logits", "local", "sdpa", "sdpa+adamw+swiglu", "megatron-rope",
-                                "megatron-rope+norm", "unfused-lora", "unfused-swiglu", "eager-decode"}
+                                "megatron-rope+norm", "unfused-lora", "unfused-swiglu", "eager-decode",
+                                "megatron-zero-count"}
 
 
 def test_benchmarks_md_cites_the_committed_figures():
@@ -193,4 +194,52 @@ def test_dry_run_lists_the_cases_without_a_gpu(monkeypatch, tmp_path):
     assert not any(tmp_path.iterdir()) and not list(RESULTS.glob("*-cpu*.json"))
     # `make bench DRY_RUN=1` reaches it through the environment
     r = CliRunner().invoke(cli, ["bench", "--only", "hf"], env={"DRY_RUN": "1"})
-    assert r.exit_code == 0 and "transformers bf16, amp at micro-batch 2, 4, 8" in r.output
+    assert r.exit_code == 0 and "transformers bf16, amp at micro-batch 2 x 16, 4 x 8, 8 x 4, 16 x 2" in r.output
+    # the kit's global batch by default (32 samples: micro-batches accumulate); 0 for one micro-batch a step
+    r = CliRunner().invoke(cli, ["bench", "--dry-run", "--only", "cpt", "--mbs", "8", "--global-batch", "0"])
+    assert r.exit_code == 0 and "cpt-kit-mbs8 " in r.output and "micro-batch 8 x 1;" in r.output
+    assert "cpt-kit-mbs8x4 " in CliRunner().invoke(cli, ["bench", "--dry-run", "--only", "cpt", "--mbs", "8"]).output
+    assert config.KEYS["cpt.global_batch_size"].default == config.KEYS["lora.global_batch_size"].default == 32
+
+
+@pytest.mark.parametrize("mbs, global_batch, n", [(16, 32, 2), (12, 32, 3), (8, 0, 1), (64, 32, 1), (2, 32, 16)])
+def test_micro_batches_accumulate_to_the_global_batch(mbs, global_batch, n):
+    assert bench.accumulation(mbs, global_batch) == n
+
+
+def test_a_plan_at_the_kits_global_batch_accumulates_and_names_it(tmp_path):
+    plan = bench.cases(["hf", "cpt", "lora"], [8, 16], ["kit", "megatron-zero-count"], 20, 10, tmp_path, 16,
+                       ["bf16"], global_batch=32)
+    assert [c["name"] for c in plan[1:]] == ["hf-global32", "cpt-kit-mbs8x4", "cpt-kit-mbs16x2",
+                                             "cpt-megatron-zero-count-mbs16x2", "lora-mbs16x2",
+                                             "lora-megatron-zero-count-mbs16x2"]
+    by = {c["name"]: c for c in plan}
+    assert by["cpt-kit-mbs8x4"]["accum"] == 4 and by["lora-mbs16x2"]["accum"] == 2
+    assert plan[0]["documents"] * 4096 >= (20 + 10) * 32 * 2048  # every step's 32 samples
+    text = bench.plan_text(plan, None)
+    assert "micro-batch 8 x 4, 16 x 2" in text and "NeMo CPT [kit] micro-batch 16 x 2" in text
+    # the lever: Megatron-Core 0.12's count of gradient zeros at every step
+    for stage, kit in (("cpt", "cpt-kit-mbs16x2"), ("lora", "lora-mbs16x2")):
+        assert by[f"{stage}-megatron-zero-count-mbs16x2"]["task"] == {"megatron_zero_count": True}
+        assert by[kit]["task"] == {}
+    assert bench.cases(["cpt"], [16], ["kit"], 20, 10, tmp_path, 4, ["bf16"])[1]["accum"] == 1  # the default: none
+
+
+def test_summary_pairs_lora_with_cpt_at_the_same_batches_and_renders_the_global_batch():
+    def rec(case, kind, mbs, accum, tps, mem=40.0, **kw):
+        return {"case": case, "kind": kind, "ok": True, "variant": "kit", "mbs": mbs, "accum": accum,
+                "tokens_per_s": tps, "step_s": mbs * accum * 2048 / tps, "peak_mem_gib": mem, **kw}
+    recs = [rec("cpt-kit-mbs16", "cpt", 16, 1, 100_000.0), rec("cpt-kit-mbs16x2", "cpt", 16, 2, 120_000.0),
+            rec("lora-mbs16x2", "lora", 16, 2, 132_000.0, mem=30.0, trainable=1, params=2),
+            {"case": "hf-global32", "kind": "hf", "ok": True, "results": {
+                "bf16-mbs8x4": {"mode": "bf16", "mbs": 8, "accum": 4, "tokens_per_s": 80_000.0, "step_s": 0.8,
+                                "peak_mem_gib": 30.0}}}]
+    s = bench.collect(recs, {"name": "NVIDIA H100 80GB HBM3"}, 989.0, te_present=False)
+    assert s["cpt_tokens_per_s"] == 120_000.0 and s["cpt_global_batch"] == 32 and s["lora_global_batch"] == 32
+    assert s["lora_vs_cpt_speed"] == 1.1 and s["lora_vs_cpt_memory"] == 0.75  # against 16 x 2, not 16 x 1
+    assert s["hf_tokens_per_s"] == 80_000.0 and s["hf_global_batch"] == 32 and s["cpt_vs_hf"] == 1.5
+    doc = {"gpu": {"name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.2}, "data": None, "cases": recs, "summary": s}
+    rows = [line.split() for line in bench.render(doc).splitlines() if line.startswith(("NeMo", "transformers"))]
+    assert [r[3:5] for r in rows if r[:2] == ["NeMo", "CPT"]] == [["16", "16"], ["16", "32"]]  # mbs, global
+    assert [r[4:6] for r in rows if r[1] == "LoRA"] == [["16", "32"]]
+    assert [r[2:4] for r in rows if r[0] == "transformers"] == [["8", "32"]]

@@ -18,7 +18,7 @@ from jacpt import nemo_compat  # noqa: E402
 VOCAB, PROMPT, NEW, BATCH = 301, 7, 9, 3
 
 
-def _wrapper(device: str):
+def _wrapper(device: str, **overrides):
     nemo_compat.apply()
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
     from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
@@ -31,7 +31,7 @@ def _wrapper(device: str):
                             ffn_hidden_size=128, use_cpu_initialization=True, masked_softmax_fusion=False,
                             bias_activation_fusion=False, gated_linear_unit=True, normalization="RMSNorm",
                             add_bias_linear=False, add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
-                            init_method_std=0.2)  # sharp logits: greedy choices far from ties
+                            init_method_std=0.2, **overrides)  # sharp logits: greedy choices far from ties
     model = GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), VOCAB, PROMPT + NEW,
                      share_embeddings_and_output_weights=True, position_embedding_type="rope",
                      rotary_base=1000000).to(device)
@@ -81,36 +81,74 @@ def _prompts(device: str, seed: int):
     return torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def _compare(device: str, capture: bool):
-    wrapper = _wrapper(device)
+def _compare(device: str, capture: bool, **overrides):
+    """Megatron-Core's steps, then the same generations through DecodeGraphs; asserts they agree. Returns the
+    DecodeGraphs and, per forward pass of the second run, whether it ran as the fixed-shape step and the
+    lengths of the tensors Megatron-Core's RoPE function rotated in it."""
+    import megatron.core.models.common.embeddings.rope_utils as rope_utils
+
+    wrapper = _wrapper(device, **overrides)
     ref = [_generate(wrapper, _prompts(device, s)) for s in (1, 2)]
-    stock = wrapper.run_one_forward_step
+    stock, rope = wrapper.run_one_forward_step, rope_utils._apply_rotary_pos_emb_bshd
     graphs = nemo_compat.DecodeGraphs(wrapper, capture=capture)
     wrapper.run_one_forward_step = graphs
-    fixed = []  # per forward pass: whether it ran as the fixed-shape step (the context carries the device position)
+    passes = []  # per forward pass: (fixed step?, lengths rotated by Megatron-Core's RoPE)
     forward, ctx = wrapper._forward, wrapper.inference_context
-    wrapper._forward = lambda inputs: fixed.append(hasattr(ctx, nemo_compat.DECODE_POS)) or forward(inputs)
+
+    def spy(t, *args, **kwargs):
+        passes[-1][1].append(t.size(0))
+        return rope(t, *args, **kwargs)
+
+    wrapper._forward = lambda inputs: passes.append((hasattr(ctx, nemo_compat.DECODE_POS), [])) or forward(inputs)
+    rope_utils._apply_rotary_pos_emb_bshd = spy
     try:
         got = [_generate(wrapper, _prompts(device, s)) for s in (1, 2)]
     finally:
-        wrapper.run_one_forward_step = stock
+        wrapper.run_one_forward_step, rope_utils._apply_rotary_pos_emb_bshd = stock, rope
         del wrapper._forward
     # Per generation: the prefill through Megatron-Core's step, then every step (also those still reading the
     # longer prompts) as the fixed step: run each time on the CPU, warmed up and captured once on a GPU.
     per_generation = [False] + [True] * (2 if capture else STEPS - 1)
-    assert fixed == per_generation * 2 and not hasattr(ctx, nemo_compat.DECODE_POS)
+    assert [fixed for fixed, _ in passes] == per_generation * 2 and not hasattr(ctx, nemo_compat.DECODE_POS)
     for (ref_steps, ref_tokens), (steps, tokens) in zip(ref, got):
         assert len(steps) == len(ref_steps) == STEPS
         for i, (a, b) in enumerate(zip(steps, ref_steps)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"step {i}: {m}")
         assert torch.equal(tokens, ref_tokens)
     assert not torch.equal(ref[0][1], ref[1][1])  # two prompts, two different continuations
-    return graphs
+    return graphs, passes
 
 
 def test_fixed_buffer_decode_step_gives_megatrons_logits(megatron_tp1, no_cuda_rng):
-    graphs = _compare("cpu", capture=False)
+    graphs, passes = _compare("cpu", capture=False)
     assert graphs.captures == 0 and graphs.graph is None
+    # Megatron-Core's RoPE rotates query and key of each of the 2 layers in the prefill (the shortest prompt),
+    # then only the prefill's cached keys once, at the first fixed step; the fixed steps rotate the new
+    # token's query and key themselves and never the cache again.
+    prefill = min(LENGTHS)
+    assert [rows for _, rows in passes] == ([[prefill] * 4, [prefill] * 2] + [[]] * (STEPS - 2)) * 2
+
+
+def test_fixed_step_with_interleaved_rotary_embedding_gives_megatrons_logits(megatron_tp1, no_cuda_rng):
+    """A RoPE variant the fixed step does not compute itself goes through Megatron-Core's function, a row at a time."""
+    _, passes = _compare("cpu", capture=False, rotary_interleaved=True)
+    assert [rows for _, rows in passes][2:STEPS] == [[1] * 4] * (STEPS - 2)  # query and key, 2 layers, 1 position
+
+
+def test_a_longer_step_after_the_fixed_steps_began_is_refused(megatron_tp1, no_cuda_rng):
+    wrapper = _wrapper("cpu")
+    graphs = nemo_compat.DecodeGraphs(wrapper, capture=False)
+    wrapper.run_one_forward_step = graphs
+    ctx = wrapper.inference_context
+    ctx.key_value_memory_dict = {}
+    wrapper.prep_model_for_inference()
+    tokens = torch.zeros(1, PROMPT + NEW, dtype=torch.long)
+    inputs = wrapper.prep_inference_input(tokens)
+    with torch.no_grad():
+        graphs(wrapper.get_batch_for_context_window(inputs, 0, PROMPT - 2))
+        graphs(wrapper.get_batch_for_context_window(inputs, PROMPT - 2, PROMPT - 1))
+        with pytest.raises(RuntimeError, match="more than one token per sequence after the fixed steps began"):
+            graphs(wrapper.get_batch_for_context_window(inputs, PROMPT - 1, PROMPT + 1))
 
 
 def test_marker_free_decode_is_megatrons_own_code(megatron_tp1, no_cuda_rng, monkeypatch):
@@ -157,7 +195,7 @@ def test_decode_step_replayed_from_a_cuda_graph_gives_megatrons_logits(megatron_
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        graphs = _compare("cuda", capture=True)
+        graphs, _ = _compare("cuda", capture=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert graphs.captures == 2  # one per generation: each new generation captures its own step again

@@ -83,9 +83,9 @@ def test_measured_rate_interpolates_between_measured_micro_batches():
     t = preflight.MEASURED_TOKENS_PER_S
     assert preflight.measured_rate(4) == t[4]
     assert preflight.measured_rate(6) == pytest.approx((t[4] + t[8]) / 2)
-    assert preflight.measured_rate(12) == t[12]
-    assert preflight.measured_rate(14) == pytest.approx((t[12] + t[16]) / 2)
-    assert preflight.measured_rate(1) == pytest.approx(t[4] / 4)
+    assert preflight.measured_rate(12) == pytest.approx((t[8] + t[16]) / 2)
+    assert preflight.measured_rate(2) == t[2] and preflight.measured_rate(3) == pytest.approx((t[2] + t[4]) / 2)
+    assert preflight.measured_rate(1) == pytest.approx(t[2] / 2)
     assert preflight.measured_rate(32) == t[16]
 
 
@@ -108,7 +108,7 @@ def test_mbs_too_large_for_the_gpu_fails_with_the_largest_that_fits(env, monkeyp
     mem = next(c for c in out["checks"] if c["what"] == "memory")
     assert mem["status"] == "FAIL" and "make cpt MBS=4" in mem["detail"]
     # the time estimate scales the measured H100 figure (at the profile's mbs) by bf16 peak, labelled an estimate
-    assert out["estimates"]["tokens_per_s"] == pytest.approx(107_638 * 364.2 / 989)
+    assert out["estimates"]["tokens_per_s"] == pytest.approx(113_113 * 364.2 / 989)
     assert "estimate" in out["estimates"]["tokens_per_s_source"]
 
 
@@ -118,9 +118,10 @@ def test_h100_fits_and_uses_the_measured_throughput(env, monkeypatch):
     r = invoke("--profile", "h100-80g", "--json")
     out = json.loads(r.output)
     assert {c["what"]: c["status"] for c in out["checks"]}["memory"] == "ok"
-    assert out["estimates"]["tokens_per_s"] == pytest.approx(107_638) and "measured" in out["estimates"]["tokens_per_s_source"]
-    assert out["estimates"]["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 107_638)
-    assert out["estimates"]["lora_tokens_per_s"] == pytest.approx(0.84 * 56_082)  # lora mbs 4
+    assert out["estimates"]["tokens_per_s"] == pytest.approx(113_113)
+    assert "measured" in out["estimates"]["tokens_per_s_source"]
+    assert out["estimates"]["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 113_113)
+    assert out["estimates"]["lora_tokens_per_s"] == pytest.approx(0.84 * 70_960)  # lora mbs 4
     if out["versions"]["Transformer Engine"] == "absent":
         assert {c["what"]: c["status"] for c in out["checks"]}["transformer-engine"] == "warn"
 
@@ -408,10 +409,10 @@ def test_training_stage_time_estimate_is_the_stages_own(built, monkeypatch):
     manifest(built, "h100-80g")
     monkeypatch.setattr(preflight, "discover_gpus", lambda: [preflight.Gpu("NVIDIA H100 80GB HBM3", 80 * GIB)])
     cpt = json.loads(stage("cpt", "--profile", "h100-80g", "--json").output)["estimates"]
-    assert cpt["cpt_tokens_per_s"] == pytest.approx(107_638) and "lora_seconds" not in cpt
-    assert cpt["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 107_638)
+    assert cpt["cpt_tokens_per_s"] == pytest.approx(113_113) and "lora_seconds" not in cpt
+    assert cpt["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 113_113)
     lora = json.loads(stage("lora", "--profile", "h100-80g", "--json").output)["estimates"]
-    assert lora["lora_tokens_per_s"] == pytest.approx(0.84 * 56_082) and "cpt_seconds" not in lora
+    assert lora["lora_tokens_per_s"] == pytest.approx(0.84 * 70_960) and "cpt_seconds" not in lora
 
 
 def test_a_stage_block_is_short_and_the_full_report_is_unchanged(built):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import run_kit
 
-from jacpt import assets, runs
+from jacpt import assets, optim_steps, runs
 from jacpt.fsutil import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,7 @@ def test_cpt_restored_the_import_and_trained(tiny_chain):
     assert "ckpt_async_save: false" in recipe and "pretrained_model_name:" in recipe
     # SwiGLU fused while training only: the saved model config keeps Megatron's flag off (generation).
     assert "fused_swiglu: true" in recipe and "SwiGLU fused into one kernel each way while training" in cpt["stderr"]
+    assert optim_steps.ZERO_COUNT_NOTE in cpt["stderr"]  # Megatron-Core 0.12 counts gradient zeros only when asked
     ckpt_config = (cpt["dir"] / cpt["checkpoint"] / "context" / "model.yaml").read_text()
     assert "gated_linear_unit: true" in ckpt_config and "bias_activation_fusion: true" not in ckpt_config
     info = json.loads((cpt["dir"] / "run.json").read_text())
@@ -61,6 +62,7 @@ def test_lora_restored_cpt_and_saved_adapters_only(tiny_chain):
     assert "FineTuningDataModule" in recipe and "Squad" not in recipe and "nemo://" not in recipe
     assert "dim: 8" in recipe and "alpha: 16" in recipe
     assert "fused_swiglu: true" in recipe and "SwiGLU fused into one kernel each way while training" in lora["stderr"]
+    assert optim_steps.ZERO_COUNT_NOTE in lora["stderr"]
 
 
 def test_export_is_tied_qwen2_with_card_and_checksums(tiny_chain, tiny_model_dir):
