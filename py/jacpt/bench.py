@@ -15,8 +15,8 @@ case is recorded as OOM and the run goes on. The table and
   random token ids in a Megatron .bin/.idx (the model cannot tell; the loader does the
   same work).
 * Peer: the same shape in plain transformers (Qwen2ForCausalLM, SDPA, tied, fused AdamW,
-  same micro-batch, global batch and sequence), pure bf16 weights (the faster of the two usual set-ups) and
-  fp32 master weights under autocast (what NeMo's bf16-mixed keeps).
+  same micro-batch, global batch and sequence), pure bf16 weights (the faster of the two
+  usual set-ups) and fp32 master weights under autocast (what NeMo's bf16-mixed keeps).
 * LoRA: the kit's LoRA (NeMo's finetune path, `llm.peft.LoRA` with the kit's targets,
   dim 32) on an imported random checkpoint, same data and batch as CPT.
 * Generation: the demo's NeMo generator on that checkpoint: load time, then 3 prompts x
@@ -674,7 +674,7 @@ def plan_text(plan: list[dict], peak: float | None) -> str:
     """The cases a run would measure, one line each (`--dry-run`)."""
     against = f"{peak:g} TFLOP/s" if peak else "the GPU's dense bf16 peak, looked up from its name"
     lines = [f"{len(plan) - 1} case(s), each in its own process, after a preparation step; seq {SEQ}, bf16; "
-             f"micro-batch x micro-batches per optimizer step; MFU against {against}"]
+             f"micro-batch x micro-batches a step; MFU against {against}"]
     for c in plan:
         hf_batches = ", ".join(f"{m} x {accumulation(m, c.get('global_batch', 0))}" for m in c.get("mbs_list", []))
         what = {"prep": f"random token data ({c.get('documents', 0) * 4096:,} tokens)"

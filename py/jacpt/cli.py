@@ -248,15 +248,15 @@ def _choice_list(choices):
 @click.option("--variants", default="kit",
               callback=_choice_list(tuple(bench_levers())),
               help="CPT set-ups without Transformer Engine: kit (what make cpt runs: SDPA, fused AdamW, loss in "
-                   "chunks, compiled RoPE, multi-tensor grad norm, fused SwiGLU, no gradient-zero count), whole-logits (the kit with "
-                   "Megatron's whole-logits loss), megatron-rope (Megatron's unfused RoPE) and megatron-rope+norm (and its "
-                   "per-tensor grad norm) at every --mbs, each also adding a LoRA case; unfused-lora (a LoRA "
-                   "case only: NeMo's separate adapter scale and add); unfused-swiglu (Megatron's SwiGLU op by op, "
-                   "CPT and LoRA); megatron-zero-count (Megatron-Core 0.12's count of gradient zeros at every "
-                   "step, CPT and LoRA); eager-decode (a generation case only: "
-                   "Megatron's decode step op by op, no CUDA graph); the levers (local = "
-                   "Megatron's stock attention and AdamW, sdpa = torch AdamW, sdpa+adamw+swiglu = + fused AdamW and "
-                   "SwiGLU fusion; all three whole-logits) at --lever-mbs")
+                   "chunks, compiled RoPE, multi-tensor grad norm, fused SwiGLU, no gradient-zero count), whole-"
+                   "logits (the kit with Megatron's whole-logits loss), megatron-rope (Megatron's unfused RoPE) and "
+                   "megatron-rope+norm (and its per-tensor grad norm) at every --mbs, each also adding a LoRA case; "
+                   "unfused-lora (a LoRA case only: NeMo's separate adapter scale and add); unfused-swiglu "
+                   "(Megatron's SwiGLU op by op, CPT and LoRA); megatron-zero-count (Megatron-Core 0.12's count of "
+                   "gradient zeros at every step, CPT and LoRA); eager-decode (a generation case only: Megatron's "
+                   "decode step op by op, no CUDA graph); the levers (local = Megatron's stock attention and AdamW, "
+                   "sdpa = torch AdamW, sdpa+adamw+swiglu = + fused AdamW and SwiGLU fusion; all three whole-logits)"
+                   " at --lever-mbs")
 @click.option("--lever-mbs", default=4, type=click.IntRange(1), help="micro-batch of the lever variants and LoRA")
 @click.option("--hf-modes", default="bf16,amp", callback=_choice_list(("bf16", "amp")),
               help="transformers baseline: pure bf16 weights, and/or fp32 master weights + autocast")
