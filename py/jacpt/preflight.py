@@ -60,12 +60,12 @@ VOCAB = 151_936
 CUDA_CONTEXT_BYTES = 2 * GB  # CUDA context, cuBLAS workspaces and allocator slack, not in the peak above
 
 # Tokens/s measured at each CPT micro-batch at the kit's global batch of 32 samples (micro-batches accumulating
-# to it, as `make cpt` trains; one machine); between them the rate is interpolated, below them proportional, past
+# to it, as `make cpt` trains; BENCHMARKS.md); between them the rate is interpolated, below them proportional, past
 # them the largest. Other GPUs scale by dense bf16 peak (an estimate, and labelled so).
-# LoRA (loss in chunks and SwiGLU fused too) ran at 0.84x CPT's rate at micro-batch 4, where the host is the limit,
-# and 0.99x at 16 (NeMo's adapters add matmuls and elementwise passes around every wrapped layer, against the
-# frozen base's skipped weight gradients); the profiles train LoRA at 4, so the estimate uses 0.84.
-MEASURED_TOKENS_PER_S = {2: 35_160, 4: 70_960, 8: 106_398, 16: 113_113}
+# LoRA (loss in chunks and SwiGLU fused too) ran at 0.84x CPT's rate at micro-batch 4, where the host is the limit
+# (one micro-batch a step), and 1.02x at 16 (NeMo's adapters add matmuls and passes around every wrapped layer,
+# against the frozen base's skipped weight gradients); the profiles train LoRA at 4, so the estimate uses 0.84.
+MEASURED_TOKENS_PER_S = {2: 35_160, 4: 70_960, 8: 106_398, 16: 115_555}
 MEASURED_LORA_FACTOR = 0.84
 MEASURED_PEAK = 989e12
 MEASURED_SOURCE = "measured on an H100 without TE (make bench, BENCHMARKS.md)"

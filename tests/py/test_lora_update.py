@@ -76,6 +76,32 @@ def test_fused_update_matches_nemos_lora(megatron_tp1, kind, alpha, fuse):
         assert not torch.allclose(got[0], _run(_wrapped(kind, 32))[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("base_needs_grad", [True, False])  # False: the first layer, its input from frozen embeddings
+def test_update_is_written_into_the_frozen_layers_output_unless_it_is_a_view(base_needs_grad):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, generator=g).requires_grad_(base_needs_grad)
+    frozen = torch.randn(10, 4, generator=g)
+    h = torch.randn(6, 3, generator=g).requires_grad_(True)
+    b = torch.randn(10, 3, generator=g).requires_grad_(True)
+    for as_view in (False, True):
+        base = x @ frozen.t()
+        if as_view:
+            base = base.view(2, 3, 10)  # what a row-parallel layer's reduce hands back at TP 1
+        want = (x.detach() @ frozen.t() + 0.5 * h.detach() @ b.detach().t()).view(base.shape)
+        storage = base.data_ptr()
+        out = lora_update.LoRAUpdate.apply(base, h.view(*base.shape[:-1], 3), b, 0.5)
+        assert torch.allclose(out, want)
+        assert (out.data_ptr() == storage) is (not as_view)  # in place, or a copy for the view
+        w = torch.randn(out.shape, generator=g)
+        (out * w).sum().backward()
+        w2 = w.view(6, 10)
+        assert torch.allclose(h.grad, 0.5 * w2 @ b.detach()) and torch.allclose(b.grad, 0.5 * w2.t() @ h.detach())
+        assert (x.grad is not None) is base_needs_grad
+        if base_needs_grad:
+            assert torch.allclose(x.grad, w2 @ frozen)
+        h.grad = b.grad = x.grad = None
+
+
 def test_adapter_dropout_falls_back_to_nemos_forward(megatron_tp1, fuse, monkeypatch):
     module = _wrapped("column", dropout=0.1)
     assert not lora_update.eligible(module)

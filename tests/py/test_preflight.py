@@ -108,7 +108,7 @@ def test_mbs_too_large_for_the_gpu_fails_with_the_largest_that_fits(env, monkeyp
     mem = next(c for c in out["checks"] if c["what"] == "memory")
     assert mem["status"] == "FAIL" and "make cpt MBS=4" in mem["detail"]
     # the time estimate scales the measured H100 figure (at the profile's mbs) by bf16 peak, labelled an estimate
-    assert out["estimates"]["tokens_per_s"] == pytest.approx(113_113 * 364.2 / 989)
+    assert out["estimates"]["tokens_per_s"] == pytest.approx(115_555 * 364.2 / 989)
     assert "estimate" in out["estimates"]["tokens_per_s_source"]
 
 
@@ -118,9 +118,9 @@ def test_h100_fits_and_uses_the_measured_throughput(env, monkeypatch):
     r = invoke("--profile", "h100-80g", "--json")
     out = json.loads(r.output)
     assert {c["what"]: c["status"] for c in out["checks"]}["memory"] == "ok"
-    assert out["estimates"]["tokens_per_s"] == pytest.approx(113_113)
+    assert out["estimates"]["tokens_per_s"] == pytest.approx(115_555)
     assert "measured" in out["estimates"]["tokens_per_s_source"]
-    assert out["estimates"]["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 113_113)
+    assert out["estimates"]["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 115_555)
     assert out["estimates"]["lora_tokens_per_s"] == pytest.approx(0.84 * 70_960)  # lora mbs 4
     if out["versions"]["Transformer Engine"] == "absent":
         assert {c["what"]: c["status"] for c in out["checks"]}["transformer-engine"] == "warn"
@@ -409,8 +409,8 @@ def test_training_stage_time_estimate_is_the_stages_own(built, monkeypatch):
     manifest(built, "h100-80g")
     monkeypatch.setattr(preflight, "discover_gpus", lambda: [preflight.Gpu("NVIDIA H100 80GB HBM3", 80 * GIB)])
     cpt = json.loads(stage("cpt", "--profile", "h100-80g", "--json").output)["estimates"]
-    assert cpt["cpt_tokens_per_s"] == pytest.approx(113_113) and "lora_seconds" not in cpt
-    assert cpt["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 113_113)
+    assert cpt["cpt_tokens_per_s"] == pytest.approx(115_555) and "lora_seconds" not in cpt
+    assert cpt["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 115_555)
     lora = json.loads(stage("lora", "--profile", "h100-80g", "--json").output)["estimates"]
     assert lora["lora_tokens_per_s"] == pytest.approx(0.84 * 70_960) and "cpt_seconds" not in lora
 
