@@ -153,6 +153,20 @@ def test_later_stage_without_its_input_names_the_command(chain_env, tmp_path):
     assert "make cpt PROFILE=tiny-cpu" in proc.stderr
 
 
+def _kill_by_environment(key: str, value: str) -> None:
+    """SIGKILL the processes whose environment has key=value. After a hard kill the trainer's multiprocessing
+    spawn server (Megatron-Core's async checkpoint writer keeps a Manager queue) is left orphaned, and its
+    command line names nothing of the run; it inherited the run's environment."""
+    needle = f"{key}={value}".encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            pid = int(environ.parent.name)
+            if pid not in (os.getpid(), os.getppid()) and needle in environ.read_bytes().split(b"\0"):
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
 def test_killed_cpt_resumes_from_its_last_checkpoint(tiny_chain, chain_env):
     """Kill a CPT run after its first checkpoint; the same command resumes and ends at max_steps."""
     args = [sys.executable, "-m", "jacpt.cli", "cpt", "cpt.max_steps=14", "cpt.ckpt_every_n_steps=4"]
@@ -171,6 +185,7 @@ def test_killed_cpt_resumes_from_its_last_checkpoint(tiny_chain, chain_env):
     # session of its own, die together.
     os.killpg(proc.pid, signal.SIGKILL)
     subprocess.run(["pkill", "-KILL", "-f", chain_env["NEMORUN_HOME"]], check=False)
+    _kill_by_environment("NEMORUN_HOME", chain_env["NEMORUN_HOME"])
     proc.wait(timeout=30)
     run_dir = ckpt.parents[2]
     assert not (run_dir / runs.MARKER).exists()
