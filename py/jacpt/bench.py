@@ -225,6 +225,13 @@ def _task_arg(case: dict, name: str, key: str):
     return case.get("task", {}).get(name, kit_config.KEYS[key].default)
 
 
+def _task_args(recipe, case: dict, stage: str) -> None:
+    """The arguments of the kit's task function (jacpt.tasks) both stages take: the kit's defaults, or the lever's."""
+    recipe.loss_chunk_tokens = _loss_chunk(case, stage)
+    recipe.fused_swiglu = _task_arg(case, "fused_swiglu", f"{stage}.fused_swiglu")
+    recipe.megatron_zero_count = case.get("task", {}).get("megatron_zero_count", False)
+
+
 def _loss_chunk(case: dict, stage: str) -> int:
     """The case's loss chunk; the kit's default for its stage unless the lever sets one."""
     return _task_arg(case, "loss_chunk_tokens", f"{stage}.loss_chunk_tokens")
@@ -246,9 +253,7 @@ def run_cpt(case: dict) -> dict:
     recipe.model = run.Config(llm.Qwen2Model, config=_model_config(case.get("model", {})))
     recipe.data = _data(work, case["mbs"], case.get("accum", 1))
     recipe.resume = None
-    recipe.loss_chunk_tokens = _loss_chunk(case, "cpt")
-    recipe.fused_swiglu = _task_arg(case, "fused_swiglu", "cpt.fused_swiglu")
-    recipe.megatron_zero_count = case.get("task", {}).get("megatron_zero_count", False)
+    _task_args(recipe, case, "cpt")
     _trim(recipe, case, out)
     fdl.build(recipe)()
     return json.loads(out.read_text(encoding="utf-8"))
@@ -278,10 +283,8 @@ def run_lora(case: dict) -> dict:
     recipe.data = _data(work, case["mbs"], case.get("accum", 1))
     recipe.trainer.strategy.ddp = "megatron"
     recipe.resume = run.Config(nl.AutoResume, restore_config=run.Config(nl.RestoreConfig, path=str(ckpt)))
-    recipe.loss_chunk_tokens = _loss_chunk(case, "lora")
-    recipe.fused_swiglu = _task_arg(case, "fused_swiglu", "lora.fused_swiglu")
+    _task_args(recipe, case, "lora")
     recipe.fused_lora_update = _task_arg(case, "fused_lora_update", "lora.fused_update")
-    recipe.megatron_zero_count = case.get("task", {}).get("megatron_zero_count", False)
     _trim(recipe, case, out)
     fdl.build(recipe)()
     return json.loads(out.read_text(encoding="utf-8"))

@@ -29,6 +29,8 @@ import inspect
 
 import torch
 
+from jacpt import compiled
+
 _CHUNK = 0  # tokens per chunk; set by install()
 
 
@@ -47,16 +49,13 @@ def _backward_chunk(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tenso
     return ((p - hit.float()) * grad.unsqueeze(1)).to(logits.dtype)
 
 
-@functools.cache
 def _kernels(device_type: str):
     """(forward, backward) chunk functions: compiled into fused kernels on CUDA, eager elsewhere.
 
     CPT's chunks all have one shape, compiled once. LoRA's batches vary in length, so the last chunk
     does too: torch.compile's automatic dynamic shapes compile a second, shape-generic kernel at the
     first new length instead of one kernel per length."""
-    if device_type == "cuda":
-        return torch.compile(_forward_chunk), torch.compile(_backward_chunk)
-    return _forward_chunk, _backward_chunk
+    return compiled.on(device_type, _forward_chunk), compiled.on(device_type, _backward_chunk)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

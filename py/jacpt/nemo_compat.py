@@ -357,7 +357,7 @@ def _patch_compiled_rope() -> None:
 
 
 DECODE_ENV = "JACPT_NO_TE_DECODE"  # "graph" (default) or "eager" (Megatron-Core's decode step, op by op)
-DECODE_POS = "_jacpt_decode_pos"  # set on a static inference context: a DecodeStep for the fixed-shape step
+DECODE_STEP = "_jacpt_decode_step"  # set on a static inference context: a DecodeStep for the fixed-shape step
 DECODE_NOTE = "decode step: key/value positions on the device (for CUDA graphs)"
 
 
@@ -420,7 +420,7 @@ def _patch_decode_positions() -> None:
     def adjust(self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos=None,
                rotary_pos_sin=None, sequence_len_offset=None, *, inference_params=None):
         ctx = inference_context if inference_context is not None else inference_params
-        step = getattr(ctx, DECODE_POS, None)
+        step = getattr(ctx, DECODE_STEP, None)
         if step is None or self.config.flash_decode:
             return orig(self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos,
                         rotary_pos_sin, sequence_len_offset, inference_params=inference_params)
@@ -508,12 +508,12 @@ class DecodeGraphs:
 
     def _forward(self, ctx):
         masked = (self.positions > self.pos).view(1, 1, 1, -1)  # True = masked, Megatron's convention
-        setattr(ctx, DECODE_POS, DecodeStep(self.pos, ctx.sequence_len_offset, self.rotated))
+        setattr(ctx, DECODE_STEP, DecodeStep(self.pos, ctx.sequence_len_offset, self.rotated))
         try:
             return self.wrapper._forward({"tokens": self.tokens, "position_ids": self.position_ids,
                                           "attention_mask": masked})
         finally:
-            delattr(ctx, DECODE_POS)
+            delattr(ctx, DECODE_STEP)
 
     def _build(self, ctx) -> None:
         import torch

@@ -28,6 +28,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from jacpt import compiled
+
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """t in at least fp32 (the arithmetic of a bf16 step; fp64 stays fp64)."""
@@ -47,26 +49,18 @@ def _backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.cat((g * b * s * (1 + a * (1 - s)), g * a * s), dim=-1).to(y.dtype)
 
 
-@functools.cache
-def _kernels(device_type: str):
-    """(forward, backward): compiled into one kernel each on CUDA, eager elsewhere (no compiler needed)."""
-    if device_type == "cuda":
-        return torch.compile(_forward), torch.compile(_backward)
-    return _forward, _backward
-
-
 class SwiGLU(torch.autograd.Function):
     """silu(y1) * y2 over the last dimension's halves; keeps only y for the backward pass."""
 
     @staticmethod
     def forward(ctx, y):
         ctx.save_for_backward(y)
-        return _kernels(y.device.type)[0](y)
+        return compiled.on(y.device.type, _forward)(y)
 
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        return _kernels(y.device.type)[1](grad.contiguous(), y)
+        return compiled.on(y.device.type, _backward)(grad.contiguous(), y)
 
 
 def eligible(mlp) -> bool:

@@ -223,6 +223,15 @@ def test_a_plan_at_the_kits_global_batch_accumulates_and_names_it(tmp_path):
         assert by[f"{stage}-megatron-zero-count-mbs16x2"]["task"] == {"megatron_zero_count": True}
         assert by[kit]["task"] == {}
     assert bench.cases(["cpt"], [16], ["kit"], 20, 10, tmp_path, 4, ["bf16"])[1]["accum"] == 1  # the default: none
+    # the task function's arguments: the kit's defaults, or the lever's
+    from types import SimpleNamespace
+
+    for name, stage, zero_count in (("cpt-kit-mbs16x2", "cpt", False),
+                                    ("lora-megatron-zero-count-mbs16x2", "lora", True)):
+        recipe = SimpleNamespace()
+        bench._task_args(recipe, by[name], stage)
+        assert vars(recipe) == {"loss_chunk_tokens": config.KEYS[f"{stage}.loss_chunk_tokens"].default,
+                                "fused_swiglu": True, "megatron_zero_count": zero_count}
 
 
 def test_summary_pairs_lora_with_cpt_at_the_same_batches_and_renders_the_global_batch():

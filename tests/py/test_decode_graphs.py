@@ -99,7 +99,7 @@ def _compare(device: str, capture: bool, **overrides):
         passes[-1][1].append(t.size(0))
         return rope(t, *args, **kwargs)
 
-    wrapper._forward = lambda inputs: passes.append((hasattr(ctx, nemo_compat.DECODE_POS), [])) or forward(inputs)
+    wrapper._forward = lambda inputs: passes.append((hasattr(ctx, nemo_compat.DECODE_STEP), [])) or forward(inputs)
     rope_utils._apply_rotary_pos_emb_bshd = spy
     try:
         got = [_generate(wrapper, _prompts(device, s)) for s in (1, 2)]
@@ -109,7 +109,7 @@ def _compare(device: str, capture: bool, **overrides):
     # Per generation: the prefill through Megatron-Core's step, then every step (also those still reading the
     # longer prompts) as the fixed step: run each time on the CPU, warmed up and captured once on a GPU.
     per_generation = [False] + [True] * (2 if capture else STEPS - 1)
-    assert [fixed for fixed, _ in passes] == per_generation * 2 and not hasattr(ctx, nemo_compat.DECODE_POS)
+    assert [fixed for fixed, _ in passes] == per_generation * 2 and not hasattr(ctx, nemo_compat.DECODE_STEP)
     for (ref_steps, ref_tokens), (steps, tokens) in zip(ref, got):
         assert len(steps) == len(ref_steps) == STEPS
         for i, (a, b) in enumerate(zip(steps, ref_steps)):
@@ -160,7 +160,7 @@ def test_marker_free_decode_is_megatrons_own_code(megatron_tp1, no_cuda_rng, mon
     assert getattr(patched, "_jacpt", False)
     wrapper = _wrapper("cpu")
     steps, tokens = _generate(wrapper, _prompts("cpu", 1))
-    assert not hasattr(wrapper.inference_context, nemo_compat.DECODE_POS)
+    assert not hasattr(wrapper.inference_context, nemo_compat.DECODE_STEP)
     monkeypatch.setattr(Attention, "_adjust_key_value_for_inference", patched.__wrapped__)  # Megatron-Core's own
     ref_steps, ref_tokens = _generate(wrapper, _prompts("cpu", 1))
     for a, b in zip(steps, ref_steps):

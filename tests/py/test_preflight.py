@@ -79,6 +79,20 @@ def test_the_profiles_micro_batches_fit_their_cards_with_headroom_and_twice_woul
         assert preflight.cpt_memory_bytes(p, 2 * mbs, 2048, chunk, fused) > 0.9 * vram, profile
 
 
+def test_measured_rates_are_the_committed_benchmarks_kit_rows():
+    """The rates the estimates use are the kit's CPT rows at the kit's global batch in the results JSON that
+    BENCHMARKS.md cites, not figures typed in separately."""
+    from jacpt import paths
+
+    doc = json.loads((paths.KIT_ROOT / "bench" / "results" / "2026-11-23-nvidia-h100-80gb-hbm3-global32.json")
+                     .read_text(encoding="utf-8"))
+    rows = {r["mbs"]: round(r["tokens_per_s"]) for r in doc["cases"] if r["kind"] == "cpt" and r.get("ok")
+            and r.get("variant") == "kit" and r["mbs"] * r.get("accum", 1) == 32}
+    assert preflight.MEASURED_TOKENS_PER_S == rows
+    assert doc["gpu"]["name"].startswith("NVIDIA H100")
+    assert preflight.MEASURED_PEAK == doc["summary"]["peak_tflops"] * 1e12
+
+
 def test_measured_rate_interpolates_between_measured_micro_batches():
     t = preflight.MEASURED_TOKENS_PER_S
     assert preflight.measured_rate(4) == t[4]
@@ -108,7 +122,7 @@ def test_mbs_too_large_for_the_gpu_fails_with_the_largest_that_fits(env, monkeyp
     mem = next(c for c in out["checks"] if c["what"] == "memory")
     assert mem["status"] == "FAIL" and "make cpt MBS=4" in mem["detail"]
     # the time estimate scales the measured H100 figure (at the profile's mbs) by bf16 peak, labelled an estimate
-    assert out["estimates"]["tokens_per_s"] == pytest.approx(115_555 * 364.2 / 989)
+    assert out["estimates"]["tokens_per_s"] == pytest.approx(preflight.MEASURED_TOKENS_PER_S[16] * 364.2 / 989)
     assert "estimate" in out["estimates"]["tokens_per_s_source"]
 
 
@@ -118,10 +132,11 @@ def test_h100_fits_and_uses_the_measured_throughput(env, monkeypatch):
     r = invoke("--profile", "h100-80g", "--json")
     out = json.loads(r.output)
     assert {c["what"]: c["status"] for c in out["checks"]}["memory"] == "ok"
-    assert out["estimates"]["tokens_per_s"] == pytest.approx(115_555)
+    assert out["estimates"]["tokens_per_s"] == pytest.approx(preflight.MEASURED_TOKENS_PER_S[16])
     assert "measured" in out["estimates"]["tokens_per_s_source"]
-    assert out["estimates"]["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 115_555)
-    assert out["estimates"]["lora_tokens_per_s"] == pytest.approx(0.84 * 70_960)  # lora mbs 4
+    assert out["estimates"]["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / preflight.MEASURED_TOKENS_PER_S[16])
+    lora_rate = preflight.MEASURED_LORA_FACTOR * preflight.MEASURED_TOKENS_PER_S[4]  # LoRA's micro-batch 4
+    assert out["estimates"]["lora_tokens_per_s"] == pytest.approx(lora_rate)
     if out["versions"]["Transformer Engine"] == "absent":
         assert {c["what"]: c["status"] for c in out["checks"]}["transformer-engine"] == "warn"
 
@@ -409,10 +424,11 @@ def test_training_stage_time_estimate_is_the_stages_own(built, monkeypatch):
     manifest(built, "h100-80g")
     monkeypatch.setattr(preflight, "discover_gpus", lambda: [preflight.Gpu("NVIDIA H100 80GB HBM3", 80 * GIB)])
     cpt = json.loads(stage("cpt", "--profile", "h100-80g", "--json").output)["estimates"]
-    assert cpt["cpt_tokens_per_s"] == pytest.approx(115_555) and "lora_seconds" not in cpt
-    assert cpt["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / 115_555)
+    assert cpt["cpt_tokens_per_s"] == pytest.approx(preflight.MEASURED_TOKENS_PER_S[16]) and "lora_seconds" not in cpt
+    assert cpt["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / preflight.MEASURED_TOKENS_PER_S[16])
     lora = json.loads(stage("lora", "--profile", "h100-80g", "--json").output)["estimates"]
-    assert lora["lora_tokens_per_s"] == pytest.approx(0.84 * 70_960) and "cpt_seconds" not in lora
+    lora_rate = preflight.MEASURED_LORA_FACTOR * preflight.MEASURED_TOKENS_PER_S[4]
+    assert lora["lora_tokens_per_s"] == pytest.approx(lora_rate) and "cpt_seconds" not in lora
 
 
 def test_a_stage_block_is_short_and_the_full_report_is_unchanged(built):

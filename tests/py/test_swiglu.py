@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from jacpt import swiglu  # noqa: E402
+from jacpt import compiled, swiglu  # noqa: E402
 
 HIDDEN, FFN = 64, 96
 
@@ -163,7 +163,7 @@ def test_fused_mlp_in_bf16_on_cuda_is_compiled_and_smaller(megatron_tp1, fuse):
 
     mlp = _mlp().cuda().bfloat16()
     megatron_forward = MLP.forward.__wrapped__
-    fwd, bwd = swiglu._kernels("cuda")
+    fwd, bwd = compiled.on("cuda", swiglu._forward), compiled.on("cuda", swiglu._backward)
     assert fwd is not swiglu._forward and bwd is not swiglu._backward, "compiled on CUDA"
 
     def peak(run):
