@@ -529,6 +529,20 @@ def cases(only: list[str], mbs: list[int], variants: list[str], steps: int, warm
     return out
 
 
+def merge_cases(earlier: list[dict], now: list[dict]) -> list[dict]:
+    """An earlier run's case records that this run did not measure again, then this run's. The transformers
+    baseline is one record over several micro-batches: its earlier micro-batches stay beside this run's."""
+    old = {r["case"]: r for r in earlier}
+    merged = []
+    for r in now:
+        prev = old.get(r["case"])
+        if prev and r["kind"] == "hf" and r.get("ok") and prev.get("ok"):
+            r = {**r, "results": {**prev.get("results", {}), **r.get("results", {})}}
+        merged.append(r)
+    done = {r["case"] for r in now}
+    return [r for r in earlier if r["case"] not in done] + merged
+
+
 def run_case(case: dict, timeout: int) -> dict:
     log_path = Path(case["work"]) / f"{case['name']}.log"
     t0 = time.perf_counter()
@@ -564,7 +578,10 @@ def collect(recs: list[dict], gpu: dict, peak: float | None, te_present: bool) -
     hf = {k: v for r in recs if r["kind"] == "hf" and r.get("ok") for k, v in r.get("results", {}).items()}
     hf_ok = {k: v for k, v in hf.items() if "tokens_per_s" in v}
     hf_same = {v["mbs"]: v for v in hf_ok.values() if v["mode"] == "bf16"}
-    lora = next((r for r in recs if r["kind"] == "lora" and r.get("variant", "kit") == "kit" and r.get("ok")), None)
+    loras = [r for r in recs if r["kind"] == "lora" and r.get("variant", "kit") == "kit" and r.get("ok")]
+    # The LoRA case at the summary CPT case's batch, if one was measured; else the first.
+    lora = next((r for r in loras if best and (r["mbs"], r.get("accum", 1)) == (best["mbs"], best.get("accum", 1))),
+                loras[0] if loras else None)
     lora_cpt = cpt.get((lora["mbs"], lora.get("accum", 1))) if lora else None
     gen = by.get("gen") if by.get("gen", {}).get("ok") else None
     hf_best = max(hf_same.values(), key=lambda r: r["tokens_per_s"], default=None)
@@ -719,14 +736,11 @@ def main(only: list[str], mbs: list[int], variants: list[str], steps: int, warmu
             recs.append(rec)
     slug = "".join(c if c.isalnum() else "-" for c in gpu["name"].lower()).strip("-")
     path = out_dir / f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}-{slug}.json"
-    earlier = []
     if merge and path.is_file():
         # Cases measured today on this GPU by an earlier `--merge` run stay, unless measured again now.
         old = json.loads(path.read_text(encoding="utf-8"))
-        done = {r["case"] for r in recs}
-        earlier = [r for r in old.get("cases", []) if r["case"] not in done]
+        recs = merge_cases(old.get("cases", []), recs)
         command = f"{old.get('command')} + {command}"
-    recs = earlier + recs
     doc = {"schema": SCHEMA, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
            "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "command": command,

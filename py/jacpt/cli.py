@@ -257,7 +257,9 @@ def _choice_list(choices):
                    "decode step op by op, no CUDA graph); the levers (local = Megatron's stock attention and AdamW, "
                    "sdpa = torch AdamW, sdpa+adamw+swiglu = + fused AdamW and SwiGLU fusion; all three whole-logits)"
                    " at --lever-mbs")
-@click.option("--lever-mbs", default=4, type=click.IntRange(1), help="micro-batch of the lever variants and LoRA")
+@click.option("--lever-mbs", default=16, type=click.IntRange(1),
+              help="micro-batch of the lever variants and LoRA (16: LoRA beside CPT's fastest, and as many tokens "
+                   "as the h100-80g profile's LoRA micro-batch of 32 x 1024)")
 @click.option("--hf-modes", default="bf16,amp", callback=_choice_list(("bf16", "amp")),
               help="transformers baseline: pure bf16 weights, and/or fp32 master weights + autocast")
 @click.option("--steps", default=20, type=click.IntRange(5), help="timed steps (the median is reported)")

@@ -176,8 +176,8 @@ KEYS: dict[str, Key] = {
                                      "stops sooner", check=lambda v: None if v >= 0 else "must be >= 0"),
     "lora.loss_chunk_tokens": Key(int, 4096, LOSS_CHUNK_HELP, check=_nonneg),
     "lora.fused_swiglu": Key(bool, True, SWIGLU_HELP),
-    "lora.fused_update": Key(bool, True, "add the adapters' scaled update to each layer's output inside their "
-                             "matmul (jacpt/lora_update.py); false: NeMo's separate scale and add"),
+    "lora.fused_update": Key(bool, True, "compute each adapted layer and its adapter's scaled update in fused "
+                             "matmuls (jacpt/lora_update.py); false: NeMo's separate matmuls, scale and add"),
     "lora.dim": Key(int, 32, "adapter rank; trainable parameters grow linearly with it", check=_positive),
     "lora.alpha": Key(int, 32, "adapter scale (alpha/dim multiplies the update)", check=_positive),
     "lora.dropout": Key(float, 0.0, "dropout on the adapter input", check=_unit),
@@ -346,3 +346,23 @@ def load(profile: str, overrides: list[str] | tuple[str, ...] = (), env: dict[st
         raise ConfigError(f"data.max_chars ({values['data.max_chars']}) is below data.min_chars "
                           f"({values['data.min_chars']}): raise max_chars or set it to 0 (no limit)")
     return Config(profile=profile, values=values, origin=origin)
+
+
+def largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of n that is at most limit (1 at least)."""
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+def check_batches(cfg: Config, stage: str) -> None:
+    """A training step is whole micro-batches on every GPU (Megatron refuses the run otherwise, after NeMo's
+    start-up): checked before `make cpt` / `make lora` launch anything."""
+    gbs, mbs = cfg[f"{stage}.global_batch_size"], cfg[f"{stage}.micro_batch_size"]
+    gpus = cfg["launch.gpus"] * (cfg["launch.nodes"] if cfg["launch.executor"] == "slurm" else 1)
+    if gbs % (mbs * gpus) == 0:
+        return
+    where = f"{mbs} x {gpus} GPUs" if gpus > 1 else str(mbs)
+    fit = largest_divisor(gbs // gpus, mbs) if gbs % gpus == 0 else 0
+    fix = (f"{stage}.micro_batch_size={fit}, or a global batch that is a multiple of {mbs * gpus}" if fit else
+           f"a global batch that is a multiple of {mbs * gpus}")
+    raise ConfigError(f"{stage}.global_batch_size ({gbs}) is not a multiple of {stage}.micro_batch_size ({where}): "
+                      f"each optimizer step is whole micro-batches on every GPU. Fix: {fix}")

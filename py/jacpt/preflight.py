@@ -59,14 +59,16 @@ CHUNK_BYTES_PER_LOGIT = 7  # one chunk's bf16 logits, their gradient and the ker
 VOCAB = 151_936
 CUDA_CONTEXT_BYTES = 2 * GB  # CUDA context, cuBLAS workspaces and allocator slack, not in the peak above
 
-# Tokens/s measured at each CPT micro-batch at the kit's global batch of 32 samples (micro-batches accumulating
-# to it, as `make cpt` trains; BENCHMARKS.md); between them the rate is interpolated, below them proportional, past
-# them the largest. Other GPUs scale by dense bf16 peak (an estimate, and labelled so).
-# LoRA (loss in chunks and SwiGLU fused too) ran at 0.84x CPT's rate at micro-batch 4, where the host is the limit
-# (one micro-batch a step), and 1.02x at 16 (NeMo's adapters add matmuls and passes around every wrapped layer,
-# against the frozen base's skipped weight gradients); the profiles train LoRA at 4, so the estimate uses 0.84.
-MEASURED_TOKENS_PER_S = {2: 35_160, 4: 70_960, 8: 106_398, 16: 115_555}
-MEASURED_LORA_FACTOR = 0.84
+# Tokens/s measured at each CPT micro-batch of 2048-token samples at the kit's global batch of 32 samples
+# (micro-batches accumulating to it, as `make cpt` trains; BENCHMARKS.md); between them the rate is interpolated,
+# below them proportional, past them the largest. A stage at another sequence length takes the rate of the same
+# tokens a micro-batch (LoRA's 32 x 1024 is read at 16). Other GPUs scale by dense bf16 peak (an estimate, and
+# labelled so).
+# LoRA (loss in chunks, SwiGLU and its update fused) ran at 0.86x CPT's rate at micro-batch 4, where the host is
+# the limit, and 1.07x at 16 (its frozen base skips the weight gradients); between them interpolated.
+MEASURED_SEQ = 2048
+MEASURED_TOKENS_PER_S = {2: 32_744, 4: 68_990, 8: 114_941, 16: 121_820}
+MEASURED_LORA_FACTOR = {4: 0.864, 16: 1.074}
 MEASURED_PEAK = 989e12
 MEASURED_SOURCE = "measured on an H100 without TE (make bench, BENCHMARKS.md)"
 
@@ -255,18 +257,36 @@ def largest_fitting_mbs(params: int, seq_length: int, vram_bytes: float, samples
     return best
 
 
-def measured_rate(mbs: int) -> float:
-    """CPT tokens/s on the measured H100 at this micro-batch (interpolated between measured ones)."""
-    pts = sorted(MEASURED_TOKENS_PER_S.items())
-    if mbs <= pts[0][0]:
-        return pts[0][1] * mbs / pts[0][0]  # below the smallest: proportional (launch-bound)
-    for (m0, t0), (m1, t1) in zip(pts, pts[1:]):
-        if mbs <= m1:
-            return t0 + (t1 - t0) * (mbs - m0) / (m1 - m0)
+def _interpolate(points: dict[float, float], x: float) -> float:
+    """Piecewise-linear through the points; the end values past either end."""
+    pts = sorted(points.items())
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return pts[-1][1]
 
 
-def tokens_per_s(gpu_name: str, mbs: int = 4) -> tuple[float | None, str]:
+def equivalent_mbs(mbs: int, seq_length: int) -> float:
+    """The measured micro-batch (of MEASURED_SEQ tokens a sample) holding as many tokens."""
+    return mbs * seq_length / MEASURED_SEQ
+
+
+def measured_rate(mbs: float) -> float:
+    """CPT tokens/s on the measured H100 at this micro-batch (interpolated between measured ones)."""
+    smallest = min(MEASURED_TOKENS_PER_S)
+    if mbs <= smallest:
+        return MEASURED_TOKENS_PER_S[smallest] * mbs / smallest  # below the smallest: proportional (launch-bound)
+    return _interpolate(MEASURED_TOKENS_PER_S, mbs)
+
+
+def lora_factor(mbs: float) -> float:
+    """LoRA's tokens/s over CPT's at the same micro-batch (measured at 4 and 16, interpolated between)."""
+    return _interpolate(MEASURED_LORA_FACTOR, mbs)
+
+
+def tokens_per_s(gpu_name: str, mbs: float = 4) -> tuple[float | None, str]:
     """(CPT tokens/s on one GPU of this kind at this micro-batch, label); None when there is no figure for it.
 
     Peaks are the benchmark's table (jacpt.bench.PEAK_TFLOPS, dense bf16)."""
@@ -428,13 +448,14 @@ def _check_memory_and_time(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
     if not gpus:
         r.add("warn", "time", "no estimate without a GPU")
         return
-    tps, label = tokens_per_s(min(gpus, key=lambda g: g.vram_bytes).name, mbs)
+    smallest = min(gpus, key=lambda g: g.vram_bytes).name
+    tps, label = tokens_per_s(smallest, equivalent_mbs(mbs, seq))
     if tps is None:
         r.add("warn", "time", label)
         return
     tps *= cfg["launch.gpus"] * cfg["launch.nodes"]  # data parallel, assumed linear
-    lora_tps = MEASURED_LORA_FACTOR * tokens_per_s(min(gpus, key=lambda g: g.vram_bytes).name,
-                                                   cfg["lora.micro_batch_size"])[0]
+    lora_mbs = equivalent_mbs(cfg["lora.micro_batch_size"], cfg["lora.seq_length"])
+    lora_tps = lora_factor(lora_mbs) * tokens_per_s(smallest, lora_mbs)[0]
     lora_tps *= cfg["launch.gpus"] * cfg["launch.nodes"]
     est.update(tokens_per_s=tps, tokens_per_s_source=label, cpt_seconds=cpt_tokens / tps,
                lora_tokens_per_s=lora_tps, lora_seconds=lora_tokens / lora_tps)
@@ -582,11 +603,12 @@ def _stage_memory_and_time(r: Report, cfg: Config, gpus: list[Gpu], stage: str) 
     _memory_verdict(r, cfg, stage, need, smallest, detail)
     if is_tiny(cfg):
         return  # the measured rates are the 0.5B model's
-    tps, source = tokens_per_s(smallest.name, mbs)
+    tokens_mbs = equivalent_mbs(mbs, seq)
+    tps, source = tokens_per_s(smallest.name, tokens_mbs)
     if tps is None:
         r.add("warn", "time", source)
         return
-    tps *= (MEASURED_LORA_FACTOR if stage == "lora" else 1) * cfg["launch.gpus"] * cfg["launch.nodes"]
+    tps *= (lora_factor(tokens_mbs) if stage == "lora" else 1) * cfg["launch.gpus"] * cfg["launch.nodes"]
     tokens = cfg[f"{stage}.max_steps"] * cfg[f"{stage}.global_batch_size"] * seq
     est.update({f"{stage}_tokens": tokens, f"{stage}_tokens_per_s": tps, f"{stage}_seconds": tokens / tps,
                 "tokens_per_s_source": source})

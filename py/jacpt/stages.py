@@ -7,7 +7,7 @@ from pathlib import Path
 
 from jacpt import log
 from jacpt import assets, data as data_mod, paths, runs
-from jacpt.config import Config
+from jacpt.config import Config, check_batches
 from jacpt.fsutil import sha256_file, write_text_atomic
 from jacpt.train import StageError
 
@@ -122,6 +122,7 @@ def import_stage(cfg: Config, dry_run: bool) -> Path:
 def _train_stage(cfg: Config, stage: str, dry_run: bool) -> Path:
     from jacpt import launch, train
 
+    check_batches(cfg, stage)
     mpath = train.manifest_path(cfg)
     manifest = data_mod.load_manifest(mpath)
     if stage == "cpt":

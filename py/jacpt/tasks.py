@@ -3,7 +3,7 @@
 They apply the kit's compatibility layer there, where it is needed (it is a no-op in the NeMo
 container), route the loss through chunks when `loss_chunk_tokens` > 0 (jacpt/chunked_loss.py), compute
 SwiGLU in one kernel each way while training when `fused_swiglu` (jacpt/swiglu.py), fuse LoRA's update into
-its matmul when `fused_lora_update` (jacpt/lora_update.py), keep Megatron-Core 0.12's optimizer from counting
+the matmuls when `fused_lora_update` (jacpt/lora_update.py), keep Megatron-Core 0.12's optimizer from counting
 gradient zeros nobody asked for unless `megatron_zero_count` (jacpt/optim_steps.py), then hand over to NeMo's
 own `llm.pretrain` / `llm.finetune`.
 """
@@ -25,7 +25,7 @@ def _prepare(loss_chunk_tokens: int, fused_swiglu: bool = False, fused_lora_upda
         log("SwiGLU fused into one kernel each way while training")
     if fused_lora_update:
         lora_update.install()
-        log("LoRA update fused into the adapters' matmul")
+        log("LoRA layers and their adapters' updates in fused matmuls")
 
 
 def pretrain(model, data, trainer, log=None, resume=None, optim=None, loss_chunk_tokens: int = 0,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jacpt import data as data_mod
 from jacpt import nemo_compat, paths, runs
-from jacpt.config import Config
+from jacpt.config import Config, largest_divisor
 
 # Architecture fields taken from the imported checkpoint's config; dtype and fusion settings
 # come from the trainer's precision plugin and the compatibility layer instead.
@@ -190,14 +190,16 @@ def build_cpt(cfg: Config, run_dir: Path, imported: runs.Run, manifest: dict):
     return recipe
 
 
-def lora_validation_gate(manifest: dict, global_batch_size: int) -> None:
+def lora_validation_gate(manifest: dict, global_batch_size: int, micro_batch_size: int = 1) -> None:
     """Validation runs in whole global batches: with fewer examples than one, NeMo runs no validation, so
     there is no val_loss, no early stopping and no checkpoint at the end (seen with the sample corpus)."""
     n = (manifest["lora"].get("examples") or {}).get("validation.jsonl")
     if n is None or n >= global_batch_size:
         return
-    smaller = (f"a smaller global batch, e.g. OVERRIDES=\"lora.global_batch_size={1 << (n.bit_length() - 1)}\" (the "
-               "largest power of two it can fill), or " if n else "")
+    gbs = 1 << (n.bit_length() - 1) if n else 0
+    mbs = f" lora.micro_batch_size={largest_divisor(gbs, micro_batch_size)}" if gbs % micro_batch_size else ""
+    smaller = (f"a smaller global batch, e.g. OVERRIDES=\"lora.global_batch_size={gbs}{mbs}\" (the largest power "
+               "of two it can fill), or " if n else "")
     raise StageError(f"the LoRA validation set ({manifest['lora']['dir_path']}/validation.jsonl) has {n} "
                      f"examples, fewer than one global batch (lora.global_batch_size={global_batch_size}): no "
                      f"validation would run and no checkpoint would be saved. Fix: {smaller}more validation "
@@ -214,7 +216,7 @@ def build_lora(cfg: Config, run_dir: Path, cpt: runs.Run, manifest: dict):
 
     ckpt = cpt.dir / cpt.outputs()["checkpoint"]
     c = cfg.section("lora")
-    lora_validation_gate(manifest, c["global_batch_size"])
+    lora_validation_gate(manifest, c["global_batch_size"], c["micro_batch_size"])
     gpus, nodes = cfg["launch.gpus"], cfg["launch.nodes"] if cfg["launch.executor"] == "slurm" else 1
     recipe = llm.qwen25_500m.finetune_recipe(dir=str(run_dir), name="lora", num_nodes=nodes,
                                              num_gpus_per_node=gpus, peft_scheme="lora")

@@ -188,7 +188,9 @@ def test_dry_run_lists_the_cases_without_a_gpu(monkeypatch, tmp_path):
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     assert lines[0].startswith("4 case(s)")
-    assert any("cpt-local-mbs4" in x and "JACPT_NO_TE_ATTENTION=local" in x for x in lines)
+    # the levers and LoRA at --lever-mbs, 16 by default
+    assert any("cpt-local-mbs16x2" in x and "JACPT_NO_TE_ATTENTION=local" in x for x in lines)
+    assert any(x.strip().startswith("lora-mbs16x2") for x in lines)
     assert any("cpt-kit-mbs8" in x and "10 + 20 steps" in x for x in lines)
     assert any(x.strip().startswith("prep") and "imported to NeMo" in x for x in lines)  # LoRA needs a checkpoint
     assert not any(tmp_path.iterdir()) and not list(RESULTS.glob("*-cpu*.json"))
@@ -252,3 +254,25 @@ def test_summary_pairs_lora_with_cpt_at_the_same_batches_and_renders_the_global_
     assert [r[3:5] for r in rows if r[:2] == ["NeMo", "CPT"]] == [["16", "16"], ["16", "32"]]  # mbs, global
     assert [r[4:6] for r in rows if r[1] == "LoRA"] == [["16", "32"]]
     assert [r[2:4] for r in rows if r[0] == "transformers"] == [["8", "32"]]
+    # A LoRA case at another batch listed first (a merged run): the summary still takes the one at CPT's batch.
+    recs = [rec("lora-mbs4x8", "lora", 4, 8, 60_000.0, mem=12.0), rec("cpt-kit-mbs4x8", "cpt", 4, 8, 50_000.0)] + recs
+    s = bench.collect(recs, {"name": "NVIDIA H100 80GB HBM3"}, 989.0, te_present=False)
+    assert s["lora_mbs"] == 16 and s["lora_vs_cpt_speed"] == 1.1
+    s = bench.collect(recs[:2], {"name": "NVIDIA H100 80GB HBM3"}, 989.0, te_present=False)
+    assert s["lora_mbs"] == 4 and s["lora_vs_cpt_speed"] == 1.2  # no LoRA at CPT's best batch: the first one
+
+
+def test_a_merged_run_keeps_earlier_cases_and_the_baselines_other_micro_batches():
+    def hf(results):
+        return {"case": "hf-global32", "kind": "hf", "ok": True, "results": results}
+    earlier = [{"case": "cpt-kit-mbs8x4", "kind": "cpt", "ok": True, "tokens_per_s": 1.0},
+               {"case": "cpt-kit-mbs16x2", "kind": "cpt", "ok": True, "tokens_per_s": 2.0},
+               hf({"bf16-mbs8x4": {"tokens_per_s": 75.0}, "bf16-mbs16x2": {"error": "OOM"}})]
+    now = [{"case": "cpt-kit-mbs16x2", "kind": "cpt", "ok": True, "tokens_per_s": 3.0},
+           hf({"bf16-mbs16x2": {"tokens_per_s": 80.0}, "bf16-mbs2x16": {"tokens_per_s": 36.0}})]
+    merged = bench.merge_cases(earlier, now)
+    assert [r["case"] for r in merged] == ["cpt-kit-mbs8x4", "cpt-kit-mbs16x2", "hf-global32"]
+    assert merged[1]["tokens_per_s"] == 3.0  # measured again: this run's figure
+    assert merged[2]["results"] == {"bf16-mbs8x4": {"tokens_per_s": 75.0}, "bf16-mbs16x2": {"tokens_per_s": 80.0},
+                                    "bf16-mbs2x16": {"tokens_per_s": 36.0}}
+    assert bench.merge_cases([], now) == now

@@ -42,6 +42,72 @@ def test_values_and_gradients_match_full_logits(chunk):
     torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
 
 
+def _counting_backward(monkeypatch):
+    """Record how many tokens each backward-pass recomputation of logits covers."""
+    rows = []
+    real = chunked_loss._backward_chunk
+
+    def counted(logits, lse, target, grad):
+        rows.append(logits.shape[0])
+        return real(logits, lse, target, grad)
+
+    monkeypatch.setattr(chunked_loss, "_backward_chunk", counted)
+    return rows
+
+
+@pytest.mark.parametrize("masked", [[], [0, 5, 11], list(range(16))])
+def test_nemos_masked_weights_recompute_only_the_masked_tokens(monkeypatch, masked):
+    # NeMo's reduction: the same weight for every counted token, 0 for the masked ones.
+    hidden, weight, target = _inputs(8, 2, 32, 97, seed=5)
+    grad_out = torch.full((16,), 1 / 13)
+    grad_out[masked] = 0.0
+    grad_out = grad_out.view(8, 2)
+    ref_h, ref_w = torch.autograd.grad((_reference(hidden, weight, target) * grad_out).sum(), (hidden, weight))
+    rows = _counting_backward(monkeypatch)
+    got = chunked_loss.linear_cross_entropy(hidden, weight, target, 4)
+    got_h, got_w = torch.autograd.grad((got * grad_out).sum(), (hidden, weight))
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
+    if len(masked) == 16:  # all zero: c = 0, nothing to correct, no gradient
+        assert rows == [] and got_w.abs().max() == 0
+    else:
+        assert sum(rows) == len(masked)  # only the masked tokens' logits again, in chunks of at most 4
+        assert all(n <= 4 for n in rows)
+
+
+def test_weights_of_all_different_values_recompute_every_other_token(monkeypatch):
+    hidden, weight, target = _inputs(4, 3, 16, 50, seed=6)
+    grad_out = torch.linspace(-1.0, 2.0, 12).view(4, 3)
+    rows = _counting_backward(monkeypatch)
+    got = chunked_loss.linear_cross_entropy(hidden, weight, target, 5)
+    got_h, got_w = torch.autograd.grad((got * grad_out).sum(), (hidden, weight))
+    ref_h, ref_w = torch.autograd.grad((_reference(hidden, weight, target) * grad_out).sum(), (hidden, weight))
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
+    assert rows == [5, 5, 1]  # 11 tokens differ from the largest weight
+
+
+def test_without_autograd_the_forward_computes_no_gradients(monkeypatch):
+    hidden, weight, target = _inputs(4, 2, 16, 40, seed=7)
+    calls = []
+    real = chunked_loss._gradient_chunk
+    monkeypatch.setattr(chunked_loss, "_gradient_chunk", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():  # validation
+        loss = chunked_loss.linear_cross_entropy(hidden, weight, target, 3)
+    assert calls == []
+    torch.testing.assert_close(loss, _reference(hidden, weight, target).detach(), rtol=1e-5, atol=1e-5)
+    chunked_loss.linear_cross_entropy(hidden, weight, target, 3)
+    assert len(calls) == 3  # 8 tokens in chunks of 3
+
+
+def test_a_second_backward_pass_is_refused():
+    hidden, weight, target = _inputs(4, 2, 16, 40, seed=8)
+    loss = chunked_loss.linear_cross_entropy(hidden, weight, target, 3).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice .*loss_chunk_tokens=0"):
+        loss.backward()
+
+
 def test_a_frozen_weight_gets_no_gradient_and_hidden_still_does():
     hidden, weight, target = _inputs(4, 3, 16, 50, seed=1)
     weight.requires_grad_(False)  # LoRA: the output layer is frozen
@@ -143,9 +209,14 @@ def test_the_patch_is_installed_once():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 kernels compiled by inductor)")
-def test_bf16_on_cuda_matches_and_saves_memory():
+@pytest.mark.parametrize("weights", ["masked", "random"])
+def test_bf16_on_cuda_matches_and_saves_memory(weights):
     hidden, weight, target = _inputs(2048, 4, 896, 151936, seed=4, dtype=torch.bfloat16, device="cuda")
-    grad_out = torch.rand(2048, 4, device="cuda")
+    if weights == "masked":  # NeMo's reduction: 1 / count for counted tokens, 0 for ~3% masked
+        keep = torch.rand(2048, 4, device="cuda") > 0.03
+        grad_out = keep.float() / keep.sum()
+    else:
+        grad_out = torch.rand(2048, 4, device="cuda")
 
     def run(fn):
         torch.cuda.synchronize()

@@ -79,6 +79,23 @@ def test_bool_spellings(value, expected):
     assert load("tiny-cpu", env={"SKIP_BAD": value})["data.skip_bad"] is expected
 
 
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lora.micro_batch_size=32", "lora.global_batch_size=8"],
+     r"lora.global_batch_size \(8\) is not a multiple of lora.micro_batch_size \(32\).*Fix: lora.micro_batch_size=8"),
+    (["cpt.micro_batch_size=3"], r"cpt.global_batch_size \(32\) is not a multiple of cpt.micro_batch_size \(3\)"
+                                 r".*Fix: cpt.micro_batch_size=2, or a global batch that is a multiple of 3"),
+    (["launch.gpus=3"], r"cpt.global_batch_size \(32\) is not a multiple of cpt.micro_batch_size \(16 x 3 GPUs\)"
+                        r".*Fix: a global batch that is a multiple of 48"),
+])
+def test_a_global_batch_of_partial_micro_batches_is_refused_with_a_fix(overrides, message):
+    cfg = config.load("h100-80g", overrides)  # the other stages do not care: loading works
+    with pytest.raises(ConfigError, match=message):
+        config.check_batches(cfg, overrides[0].split(".")[0] if "batch" in overrides[0] else "cpt")
+    config.check_batches(config.load("h100-80g"), "cpt")
+    config.check_batches(config.load("h100-80g"), "lora")  # 32 of 32: one micro-batch a step
+    assert config.largest_divisor(32, 12) == 8 and config.largest_divisor(7, 100) == 7
+
 def test_parse_shards():
     assert parse_shards("0-13") == list(range(14))
     assert parse_shards("3") == [3]
@@ -90,3 +107,14 @@ def test_show_lists_every_key_with_its_origin():
     text = load("tiny-cpu", ["data.workers=3"], env={}).show()
     assert len(text.splitlines()) == len(config.KEYS)
     assert "data.workers" in text and "# command line" in text and "# profile tiny-cpu.yaml" in text
+
+
+def test_a_training_stage_checks_its_batches_before_anything_else(tmp_path, monkeypatch):
+    from jacpt import stages
+
+    for var in ("JACPT_DATA_DIR", "JACPT_RUNS_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    cfg = config.load("tiny-cpu", ["lora.micro_batch_size=4"], env={})  # tiny-cpu's global batch is 2
+    with pytest.raises(ConfigError, match=r"lora.global_batch_size \(2\) .*Fix: lora.micro_batch_size=2"):
+        stages._train_stage(cfg, "lora", dry_run=False)  # no data, no CPT run: the batches are refused first
+    assert not (tmp_path / "jacpt_runs_dir").exists()

@@ -80,6 +80,14 @@ def test_lora_validation_gate_needs_one_global_batch_of_examples(n_val, gbs, ok)
     assert suggested <= n_val and gbs % suggested == 0
 
 
+def test_lora_validation_gate_suggests_a_micro_batch_that_divides_the_smaller_global_batch():
+    manifest = {"lora": {"dir_path": "/d/lora", "examples": {"training.jsonl": 144, "validation.jsonl": 12}}}
+    with pytest.raises(train.StageError, match=r'OVERRIDES="lora.global_batch_size=8 lora.micro_batch_size=8"'):
+        train.lora_validation_gate(manifest, 32, micro_batch_size=32)  # a profile's one micro-batch a step
+    with pytest.raises(train.StageError, match=r'OVERRIDES="lora.global_batch_size=8"'):
+        train.lora_validation_gate(manifest, 32, micro_batch_size=4)  # 4 divides 8: the micro-batch can stay
+
+
 def test_tokenizer_gate_names_both_sides():
     manifest = {"tokenizer": {"dir": "/data/tok", "fingerprint": "a" * 64}}
     train.tokenizer_gate(manifest, "a" * 64, "the import")

@@ -84,13 +84,24 @@ def test_measured_rates_are_the_committed_benchmarks_kit_rows():
     BENCHMARKS.md cites, not figures typed in separately."""
     from jacpt import paths
 
-    doc = json.loads((paths.KIT_ROOT / "bench" / "results" / "2026-11-23-nvidia-h100-80gb-hbm3-global32.json")
+    doc = json.loads((paths.KIT_ROOT / "bench" / "results" / "2026-11-23-nvidia-h100-80gb-hbm3-loss-in-forward.json")
                      .read_text(encoding="utf-8"))
     rows = {r["mbs"]: round(r["tokens_per_s"]) for r in doc["cases"] if r["kind"] == "cpt" and r.get("ok")
             and r.get("variant") == "kit" and r["mbs"] * r.get("accum", 1) == 32}
     assert preflight.MEASURED_TOKENS_PER_S == rows
+    lora = {r["mbs"]: r["tokens_per_s"] for r in doc["cases"] if r["kind"] == "lora" and r.get("ok")
+            and r["mbs"] * r.get("accum", 1) == 32}
+    assert preflight.MEASURED_LORA_FACTOR == {m: round(t / rows[m], 3) for m, t in lora.items()}
     assert doc["gpu"]["name"].startswith("NVIDIA H100")
     assert preflight.MEASURED_PEAK == doc["summary"]["peak_tflops"] * 1e12
+
+
+def test_a_stage_at_another_sequence_length_takes_the_rate_of_as_many_tokens():
+    assert preflight.equivalent_mbs(32, 1024) == 16 and preflight.equivalent_mbs(4, 1024) == 2
+    f = preflight.MEASURED_LORA_FACTOR
+    assert preflight.lora_factor(4) == f[4] and preflight.lora_factor(16) == f[16]
+    assert preflight.lora_factor(10) == pytest.approx((f[4] + f[16]) / 2)
+    assert preflight.lora_factor(1) == f[4] and preflight.lora_factor(64) == f[16]  # the ends past the ends
 
 
 def test_measured_rate_interpolates_between_measured_micro_batches():
@@ -135,7 +146,8 @@ def test_h100_fits_and_uses_the_measured_throughput(env, monkeypatch):
     assert out["estimates"]["tokens_per_s"] == pytest.approx(preflight.MEASURED_TOKENS_PER_S[16])
     assert "measured" in out["estimates"]["tokens_per_s_source"]
     assert out["estimates"]["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / preflight.MEASURED_TOKENS_PER_S[16])
-    lora_rate = preflight.MEASURED_LORA_FACTOR * preflight.MEASURED_TOKENS_PER_S[4]  # LoRA's micro-batch 4
+    # the profile's LoRA micro-batch, 32 x 1024 tokens, holds the tokens of the measured 16 x 2048
+    lora_rate = preflight.MEASURED_LORA_FACTOR[16] * preflight.MEASURED_TOKENS_PER_S[16]
     assert out["estimates"]["lora_tokens_per_s"] == pytest.approx(lora_rate)
     if out["versions"]["Transformer Engine"] == "absent":
         assert {c["what"]: c["status"] for c in out["checks"]}["transformer-engine"] == "warn"
@@ -427,7 +439,7 @@ def test_training_stage_time_estimate_is_the_stages_own(built, monkeypatch):
     assert cpt["cpt_tokens_per_s"] == pytest.approx(preflight.MEASURED_TOKENS_PER_S[16]) and "lora_seconds" not in cpt
     assert cpt["cpt_seconds"] == pytest.approx(100 * 32 * 2048 / preflight.MEASURED_TOKENS_PER_S[16])
     lora = json.loads(stage("lora", "--profile", "h100-80g", "--json").output)["estimates"]
-    lora_rate = preflight.MEASURED_LORA_FACTOR * preflight.MEASURED_TOKENS_PER_S[4]
+    lora_rate = preflight.MEASURED_LORA_FACTOR[16] * preflight.MEASURED_TOKENS_PER_S[16]  # 32 x 1024 tokens
     assert lora["lora_tokens_per_s"] == pytest.approx(lora_rate) and "cpt_seconds" not in lora
 
 
