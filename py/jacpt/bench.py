@@ -179,7 +179,7 @@ def _model_config(overrides: dict):
     return cfg
 
 
-def _data(work: Path, mbs: int, accum: int = 1):
+def _data(work: Path, mbs: int, global_batch: int):
     import nemo_run as run
     from nemo.collections import llm
 
@@ -187,7 +187,7 @@ def _data(work: Path, mbs: int, accum: int = 1):
 
     prefix = str(work / "tokens")
     return run.Config(llm.PreTrainingDataModule, paths={"train": [prefix], "validation": [prefix], "test": [prefix]},
-                      seq_length=SEQ, micro_batch_size=mbs, global_batch_size=mbs * accum,
+                      seq_length=SEQ, micro_batch_size=mbs, global_batch_size=global_batch,
                       tokenizer=_tokenizer(paths.assets_dir() / "tokenizer"),
                       index_mapping_dir=str(work / "index_cache" / f"mbs{mbs}"), num_workers=2)
 
@@ -208,7 +208,7 @@ def _trim(recipe, case: dict, out: Path) -> None:
     recipe.trainer.enable_checkpointing = False
     recipe.trainer.strategy.ckpt_async_save = False
     recipe.trainer.callbacks = list(recipe.trainer.callbacks or []) + [
-        run.Config(step_timer, out=str(out), tokens_per_step=case["mbs"] * case.get("accum", 1) * SEQ,
+        run.Config(step_timer, out=str(out), tokens_per_step=samples(case) * SEQ,
                    warmup=case["warmup"])]
     recipe.log.ckpt = None
     recipe.log.tensorboard = None
@@ -227,14 +227,9 @@ def _task_arg(case: dict, name: str, key: str):
 
 def _task_args(recipe, case: dict, stage: str) -> None:
     """The arguments of the kit's task function (jacpt.tasks) both stages take: the kit's defaults, or the lever's."""
-    recipe.loss_chunk_tokens = _loss_chunk(case, stage)
+    recipe.loss_chunk_tokens = _task_arg(case, "loss_chunk_tokens", f"{stage}.loss_chunk_tokens")
     recipe.fused_swiglu = _task_arg(case, "fused_swiglu", f"{stage}.fused_swiglu")
     recipe.megatron_zero_count = case.get("task", {}).get("megatron_zero_count", False)
-
-
-def _loss_chunk(case: dict, stage: str) -> int:
-    """The case's loss chunk; the kit's default for its stage unless the lever sets one."""
-    return _task_arg(case, "loss_chunk_tokens", f"{stage}.loss_chunk_tokens")
 
 
 def run_cpt(case: dict) -> dict:
@@ -247,11 +242,11 @@ def run_cpt(case: dict) -> dict:
     work, out = Path(case["work"]), Path(case["work"]) / f"{case['name']}.timer.json"
     recipe = llm.qwen25_500m.pretrain_recipe(dir=str(work / "logs" / case["name"]), name=case["name"],
                                              num_nodes=1, num_gpus_per_node=1, max_steps=10, seq_length=SEQ,
-                                             global_batch_size=case["mbs"] * case.get("accum", 1),
+                                             global_batch_size=samples(case),
                                              micro_batch_size=case["mbs"],
                                              warmup_steps=5, fn=tasks.pretrain)
     recipe.model = run.Config(llm.Qwen2Model, config=_model_config(case.get("model", {})))
-    recipe.data = _data(work, case["mbs"], case.get("accum", 1))
+    recipe.data = _data(work, case["mbs"], samples(case))
     recipe.resume = None
     _task_args(recipe, case, "cpt")
     _trim(recipe, case, out)
@@ -280,7 +275,7 @@ def run_lora(case: dict) -> dict:
     recipe.model = run.Config(llm.Qwen2Model, config=cfg)
     recipe.peft = run.Config(llm.peft.LoRA, target_modules=defaults["lora.targets"].split(","),
                              dim=defaults["lora.dim"], alpha=defaults["lora.alpha"], dropout=0.0)
-    recipe.data = _data(work, case["mbs"], case.get("accum", 1))
+    recipe.data = _data(work, case["mbs"], samples(case))
     recipe.trainer.strategy.ddp = "megatron"
     recipe.resume = run.Config(nl.AutoResume, restore_config=run.Config(nl.RestoreConfig, path=str(ckpt)))
     _task_args(recipe, case, "lora")
@@ -494,6 +489,11 @@ def accumulation(mbs: int, global_batch: int) -> int:
     return max(1, -(-global_batch // mbs))
 
 
+def samples(r: dict) -> int:
+    """Samples per optimizer step of a case or result record (records from before accumulation: one micro-batch)."""
+    return r["mbs"] * r.get("accum", 1)
+
+
 def _batch_tag(mbs: int, global_batch: int) -> str:
     """A case name's batch part: mbs16, or mbs16x2 when two micro-batches make an optimizer step."""
     n = accumulation(mbs, global_batch)
@@ -504,8 +504,8 @@ def cases(only: list[str], mbs: list[int], variants: list[str], steps: int, warm
           lora_mbs: int, hf_modes: list[str], global_batch: int = 0) -> list[dict]:
     base = {"steps": steps, "warmup": warmup, "work": str(work), "result": str(work / "results.jsonl")}
     need_ckpt = "lora" in only or "gen" in only
-    samples = max(m * accumulation(m, global_batch) for m in mbs + [lora_mbs])
-    docs = max(64, (warmup + steps + 4) * samples // 2 + 8)
+    most = max(m * accumulation(m, global_batch) for m in mbs + [lora_mbs])  # samples a step, the largest case
+    docs = max(64, (warmup + steps + 4) * most // 2 + 8)
     out = [{**base, "name": "prep", "kind": "prep", "documents": docs, "checkpoint": need_ckpt}]
     if "hf" in only:
         out.append({**base, "name": "hf" if not global_batch else f"hf-global{global_batch}", "kind": "hf",
@@ -572,7 +572,7 @@ def run_case(case: dict, timeout: int) -> dict:
 def collect(recs: list[dict], gpu: dict, peak: float | None, te_present: bool) -> dict:
     """The summary fields of the results JSON (the issue's names) from the case records."""
     by = {r["case"]: r for r in recs}
-    cpt = {(r["mbs"], r.get("accum", 1)): r for r in recs
+    cpt = {(r["mbs"], samples(r)): r for r in recs
            if r["kind"] == "cpt" and r.get("variant") == "kit" and r.get("ok")}
     best = max(cpt.values(), key=lambda r: r["tokens_per_s"], default=None)
     hf = {k: v for r in recs if r["kind"] == "hf" and r.get("ok") for k, v in r.get("results", {}).items()}
@@ -580,25 +580,25 @@ def collect(recs: list[dict], gpu: dict, peak: float | None, te_present: bool) -
     hf_same = {v["mbs"]: v for v in hf_ok.values() if v["mode"] == "bf16"}
     loras = [r for r in recs if r["kind"] == "lora" and r.get("variant", "kit") == "kit" and r.get("ok")]
     # The LoRA case at the summary CPT case's batch, if one was measured; else the first.
-    lora = next((r for r in loras if best and (r["mbs"], r.get("accum", 1)) == (best["mbs"], best.get("accum", 1))),
+    lora = next((r for r in loras if best and (r["mbs"], samples(r)) == (best["mbs"], samples(best))),
                 loras[0] if loras else None)
-    lora_cpt = cpt.get((lora["mbs"], lora.get("accum", 1))) if lora else None
+    lora_cpt = cpt.get((lora["mbs"], samples(lora))) if lora else None
     gen = by.get("gen") if by.get("gen", {}).get("ok") else None
     hf_best = max(hf_same.values(), key=lambda r: r["tokens_per_s"], default=None)
     return {
         "gpu": gpu["name"], "te_present": te_present,
         "peak_tflops": peak, "flops_per_token": flops_per_token(), "flops_formula": FLOPS_FORMULA,
         "cpt_mbs": best["mbs"] if best else None,
-        "cpt_global_batch": best["mbs"] * best.get("accum", 1) if best else None,
+        "cpt_global_batch": samples(best) if best else None,
         "cpt_tokens_per_s": best["tokens_per_s"] if best else None,
         "cpt_mfu": round(mfu(best["tokens_per_s"], peak), 4) if best and peak else None,
         "cpt_peak_mem_gib": best["peak_mem_gib"] if best else None,
         "hf_mbs": hf_best["mbs"] if hf_best else None,
-        "hf_global_batch": hf_best["mbs"] * hf_best.get("accum", 1) if hf_best else None,
+        "hf_global_batch": samples(hf_best) if hf_best else None,
         "hf_tokens_per_s": hf_best["tokens_per_s"] if hf_best else None,
         "cpt_vs_hf": round(best["tokens_per_s"] / hf_best["tokens_per_s"], 3) if best and hf_best else None,
         "lora_mbs": lora["mbs"] if lora else None,
-        "lora_global_batch": lora["mbs"] * lora.get("accum", 1) if lora else None,
+        "lora_global_batch": samples(lora) if lora else None,
         "lora_tokens_per_s": lora["tokens_per_s"] if lora else None,
         "lora_peak_mem_gib": lora["peak_mem_gib"] if lora else None,
         "lora_vs_cpt_speed": round(lora["tokens_per_s"] / lora_cpt["tokens_per_s"], 3) if lora and lora_cpt else None,
@@ -614,8 +614,7 @@ def _fmt(v, spec: str = ",.0f") -> str:
 
 
 def _global(r: dict) -> str:
-    """Samples per optimizer step of a case record (records from before accumulation: one micro-batch)."""
-    return str(r["mbs"] * r.get("accum", 1)) if "mbs" in r else "-"
+    return str(samples(r)) if "mbs" in r else "-"
 
 
 def render(doc: dict) -> str:

@@ -353,11 +353,17 @@ def largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
+def data_parallel(cfg: Config) -> int:
+    """GPUs training one model side by side: launch.gpus on each of launch.nodes (nodes only under slurm; the
+    launcher refuses several nodes elsewhere)."""
+    return cfg["launch.gpus"] * (cfg["launch.nodes"] if cfg["launch.executor"] == "slurm" else 1)
+
+
 def check_batches(cfg: Config, stage: str) -> None:
     """A training step is whole micro-batches on every GPU (Megatron refuses the run otherwise, after NeMo's
     start-up): checked before `make cpt` / `make lora` launch anything."""
     gbs, mbs = cfg[f"{stage}.global_batch_size"], cfg[f"{stage}.micro_batch_size"]
-    gpus = cfg["launch.gpus"] * (cfg["launch.nodes"] if cfg["launch.executor"] == "slurm" else 1)
+    gpus = data_parallel(cfg)
     if gbs % (mbs * gpus) == 0:
         return
     where = f"{mbs} x {gpus} GPUs" if gpus > 1 else str(mbs)

@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from jacpt import paths, runs
-from jacpt.config import Config, parse_shards
+from jacpt.config import Config, data_parallel, parse_shards
 
 # jacpt.data (numpy) is imported where it is used: the CLI imports this module at start for --stage's choices.
 
@@ -412,7 +412,7 @@ def _memory_verdict(r: Report, cfg: Config, stage: str, need: float, smallest: G
         r.add("ok", "memory", f"{detail}; fits {smallest.name}'s {_gb(smallest.vram_bytes)}")
         return
     mbs, seq = cfg[f"{stage}.micro_batch_size"], cfg[f"{stage}.seq_length"]
-    per_gpu = max(cfg[f"{stage}.global_batch_size"] // max(cfg["launch.gpus"], 1), 1)
+    per_gpu = max(cfg[f"{stage}.global_batch_size"] // data_parallel(cfg), 1)
     fit = largest_fitting_mbs(model_params(cfg), seq, smallest.vram_bytes, min(per_gpu, mbs), _memory_of(cfg, stage))
     r.estimates["suggested_mbs"] = fit
     knob = f"make cpt MBS={fit}" if stage == "cpt" else f'make lora OVERRIDES="lora.micro_batch_size={fit}"'
@@ -453,10 +453,10 @@ def _check_memory_and_time(r: Report, cfg: Config, gpus: list[Gpu]) -> None:
     if tps is None:
         r.add("warn", "time", label)
         return
-    tps *= cfg["launch.gpus"] * cfg["launch.nodes"]  # data parallel, assumed linear
+    tps *= data_parallel(cfg)  # assumed linear
     lora_mbs = equivalent_mbs(cfg["lora.micro_batch_size"], cfg["lora.seq_length"])
     lora_tps = lora_factor(lora_mbs) * tokens_per_s(smallest, lora_mbs)[0]
-    lora_tps *= cfg["launch.gpus"] * cfg["launch.nodes"]
+    lora_tps *= data_parallel(cfg)
     est.update(tokens_per_s=tps, tokens_per_s_source=label, cpt_seconds=cpt_tokens / tps,
                lora_tokens_per_s=lora_tps, lora_seconds=lora_tokens / lora_tps)
     r.add("ok", "time", f"CPT ~{_duration(cpt_tokens / tps)} ({cpt_tokens:,} tokens at {tps:,.0f} tokens/s, "
@@ -608,7 +608,7 @@ def _stage_memory_and_time(r: Report, cfg: Config, gpus: list[Gpu], stage: str) 
     if tps is None:
         r.add("warn", "time", source)
         return
-    tps *= (lora_factor(tokens_mbs) if stage == "lora" else 1) * cfg["launch.gpus"] * cfg["launch.nodes"]
+    tps *= (lora_factor(tokens_mbs) if stage == "lora" else 1) * data_parallel(cfg)
     tokens = cfg[f"{stage}.max_steps"] * cfg[f"{stage}.global_batch_size"] * seq
     est.update({f"{stage}_tokens": tokens, f"{stage}_tokens_per_s": tps, f"{stage}_seconds": tokens / tps,
                 "tokens_per_s_source": source})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -83,8 +84,11 @@ def test_whole_logits_is_swept_like_the_kit_and_sets_the_loss_chunk(tmp_path):
     assert by["cpt-whole-logits-mbs8"]["task"] == {"loss_chunk_tokens": 0}
     assert by["cpt-sdpa-mbs4"]["task"] == {"loss_chunk_tokens": 0}  # the earlier levers were measured so
     assert by["cpt-kit-mbs4"]["task"] == {}
-    assert bench._loss_chunk(by["cpt-kit-mbs4"], "cpt") == config.KEYS["cpt.loss_chunk_tokens"].default > 0
-    assert bench._loss_chunk(by["lora-whole-logits-mbs4"], "lora") == 0
+    kit, whole = SimpleNamespace(), SimpleNamespace()
+    bench._task_args(kit, by["cpt-kit-mbs4"], "cpt")
+    bench._task_args(whole, by["lora-whole-logits-mbs4"], "lora")
+    assert kit.loss_chunk_tokens == config.KEYS["cpt.loss_chunk_tokens"].default > 0
+    assert whole.loss_chunk_tokens == 0
     assert "loss_chunk_tokens=0" in bench.plan_text(plan, 989.0)
 
 
@@ -226,7 +230,6 @@ def test_a_plan_at_the_kits_global_batch_accumulates_and_names_it(tmp_path):
         assert by[kit]["task"] == {}
     assert bench.cases(["cpt"], [16], ["kit"], 20, 10, tmp_path, 4, ["bf16"])[1]["accum"] == 1  # the default: none
     # the task function's arguments: the kit's defaults, or the lever's
-    from types import SimpleNamespace
 
     for name, stage, zero_count in (("cpt-kit-mbs16x2", "cpt", False),
                                     ("lora-megatron-zero-count-mbs16x2", "lora", True)):

@@ -80,21 +80,29 @@ def test_bool_spellings(value, expected):
 
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["lora.micro_batch_size=32", "lora.global_batch_size=8"],
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("lora", ["lora.micro_batch_size=32", "lora.global_batch_size=8"],
      r"lora.global_batch_size \(8\) is not a multiple of lora.micro_batch_size \(32\).*Fix: lora.micro_batch_size=8"),
-    (["cpt.micro_batch_size=3"], r"cpt.global_batch_size \(32\) is not a multiple of cpt.micro_batch_size \(3\)"
-                                 r".*Fix: cpt.micro_batch_size=2, or a global batch that is a multiple of 3"),
-    (["launch.gpus=3"], r"cpt.global_batch_size \(32\) is not a multiple of cpt.micro_batch_size \(16 x 3 GPUs\)"
-                        r".*Fix: a global batch that is a multiple of 48"),
+    ("cpt", ["cpt.micro_batch_size=3"],
+     r"cpt.global_batch_size \(32\) is not a multiple of cpt.micro_batch_size \(3\)"
+     r".*Fix: cpt.micro_batch_size=2, or a global batch that is a multiple of 3"),
+    ("cpt", ["launch.gpus=3"],
+     r"cpt.global_batch_size \(32\) is not a multiple of cpt.micro_batch_size \(16 x 3 GPUs\)"
+     r".*Fix: a global batch that is a multiple of 48"),
 ])
-def test_a_global_batch_of_partial_micro_batches_is_refused_with_a_fix(overrides, message):
+def test_a_global_batch_of_partial_micro_batches_is_refused_with_a_fix(stage, overrides, message):
     cfg = config.load("h100-80g", overrides)  # the other stages do not care: loading works
     with pytest.raises(ConfigError, match=message):
-        config.check_batches(cfg, overrides[0].split(".")[0] if "batch" in overrides[0] else "cpt")
+        config.check_batches(cfg, stage)
     config.check_batches(config.load("h100-80g"), "cpt")
     config.check_batches(config.load("h100-80g"), "lora")  # 32 of 32: one micro-batch a step
     assert config.largest_divisor(32, 12) == 8 and config.largest_divisor(7, 100) == 7
+    # under slurm every node's GPUs train side by side; a local executor has one node
+    assert config.data_parallel(config.load("h100-80g", ["launch.gpus=4", "launch.nodes=2"])) == 4
+    slurm = config.load("h100-80g", ["launch.executor=slurm", "launch.gpus=4", "launch.nodes=2"])
+    assert config.data_parallel(slurm) == 8
+    with pytest.raises(ConfigError, match=r"cpt.micro_batch_size \(16 x 8 GPUs\)"):
+        config.check_batches(slurm, "cpt")
 
 def test_parse_shards():
     assert parse_shards("0-13") == list(range(14))
